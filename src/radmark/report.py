@@ -1,0 +1,161 @@
+"""Tables and plots from runs' ``metrics.json`` files (never from folder names).
+
+``python -m radmark.report --runs multirun/table --name fashion_mnist --command "make reproduce-table"``
+writes ``experiments/results/<name>.md`` / ``.csv`` and ``<name>_log10p.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from radmark.io import atomic_path, read_json
+from radmark.metrics import METRICS_FILE
+
+ARCH_KEY = "config/victim.arch"
+FRACTION_KEY = "config/marking.fraction"
+COLUMNS = (
+    ("detect/whitebox_log10_p", "white-box log10 p", "{:.2f}"),
+    ("detect/blackbox_log10_p", "black-box log10 p", "{:.2f}"),
+    ("victim/test_acc", "acc %", "{:.2f}"),
+    ("acc_change", "Δacc (pts)", "{:+.2f}"),
+    ("marking/psnr_mean", "PSNR dB", "{:.1f}"),
+)
+
+
+def collect_runs(root: str | Path) -> list[dict[str, Any]]:
+    """Every finished run under ``root`` (one that reached detection)."""
+    runs = []
+    for path in sorted(Path(root).rglob(METRICS_FILE)):
+        metrics = read_json(path)
+        if "detect/whitebox_log10_p" in metrics and ARCH_KEY in metrics:
+            runs.append(metrics)
+    return runs
+
+
+def _mean(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return statistics.fmean(values) if values else None
+
+
+def build_rows(runs: list[dict[str, Any]]) -> tuple[list[float], list[str], dict[tuple[float, str], dict]]:
+    """Cells keyed by (fraction, arch), averaged over seeds; accuracy change vs the fraction-0 run."""
+    groups: dict[tuple[float, str], list[dict[str, Any]]] = defaultdict(list)
+    for run in runs:
+        groups[(float(run[FRACTION_KEY]), str(run[ARCH_KEY]))].append(run)
+    cells: dict[tuple[float, str], dict[str, Any]] = {}
+    for key, members in groups.items():
+        cell = {col: _mean([m.get(col) for m in members]) for col, _, _ in COLUMNS if col != "acc_change"}
+        if cell.get("victim/test_acc") is not None:
+            cell["victim/test_acc"] *= 100.0
+        cell["n_runs"] = len(members)
+        cell["victim/train_acc"] = _mean([m.get("victim/train_acc") for m in members])
+        cell["victim/epochs"] = members[0].get("victim/epochs")
+        cells[key] = cell
+    for (fraction, arch), cell in cells.items():
+        base = cells.get((0.0, arch), {}).get("victim/test_acc")
+        acc = cell.get("victim/test_acc")
+        cell["acc_change"] = acc - base if acc is not None and base is not None else None
+    fractions = sorted({f for f, _ in cells})
+    archs = sorted({a for _, a in cells})
+    return fractions, archs, cells
+
+
+def _fmt(value: Any, fmt: str) -> str:
+    return "—" if value is None else fmt.format(value)
+
+
+def render_markdown(fractions, archs, cells, title: str, command: str, notes: str = "") -> str:
+    out = io.StringIO()
+    out.write(f"# {title}\n\nProduced by: `{command}`\n\n")
+    if notes:
+        out.write(notes.strip() + "\n\n")
+    for arch in archs:
+        out.write(f"## {arch}\n\n| % marked | " + " | ".join(label for _, label, _ in COLUMNS) + " | train acc % |\n")
+        out.write("|---" * (len(COLUMNS) + 2) + "|\n")
+        for fraction in fractions:
+            cell = cells.get((fraction, arch))
+            if cell is None:
+                continue
+            train = cell.get("victim/train_acc")
+            values = [_fmt(cell.get(col), fmt) for col, _, fmt in COLUMNS]
+            values.append(_fmt(train * 100 if train is not None else None, "{:.1f}"))
+            out.write(f"| {fraction * 100:g} | " + " | ".join(values) + " |\n")
+        out.write("\n")
+    return out.getvalue()
+
+
+def write_csv(path: Path, fractions, archs, cells) -> None:
+    fields = ["arch", "percent_marked", *[c for c, _, _ in COLUMNS], "victim/train_acc", "n_runs"]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        for arch in archs:
+            for fraction in fractions:
+                cell = cells.get((fraction, arch))
+                if cell is not None:
+                    writer.writerow({"arch": arch, "percent_marked": fraction * 100,
+                                     **{k: cell.get(k) for k in fields[2:]}})
+
+
+def plot_log10p(path: Path, fractions, archs, cells) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, (col, label) in zip(axes, (("detect/whitebox_log10_p", "white-box"),
+                                       ("detect/blackbox_log10_p", "black-box")), strict=True):
+        for arch in archs:
+            xs = [f * 100 for f in fractions if cells.get((f, arch), {}).get(col) is not None]
+            ys = [cells[(f, arch)][col] for f in fractions if cells.get((f, arch), {}).get(col) is not None]
+            ax.plot(xs, ys, marker="o", label=arch)
+        ax.axhline(-4, color="red", linestyle="--", linewidth=1, label="p = 1e-4")
+        ax.set_xlabel("% of the private split marked")
+        ax.set_title(f"{label} test")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("log10 p")
+    axes[0].legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def write_report(runs_root: str | Path, out_dir: str | Path, name: str, command: str, notes: str = "") -> Path:
+    runs = collect_runs(runs_root)
+    if not runs:
+        raise FileNotFoundError(f"no finished runs (metrics.json with detect/ keys) under {runs_root}")
+    fractions, archs, cells = build_rows(runs)
+    out_dir = Path(out_dir)
+    md = out_dir / f"{name}.md"
+    text = render_markdown(fractions, archs, cells, f"radmark table: {name}", command, notes)
+    with atomic_path(md) as tmp:
+        tmp.write_text(text)
+    write_csv(out_dir / f"{name}.csv", fractions, archs, cells)
+    plot_log10p(out_dir / f"{name}_log10p.png", fractions, archs, cells)
+    return md
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", required=True, help="folder searched recursively for metrics.json")
+    parser.add_argument("--out", default="experiments/results")
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--command", required=True, help="the command that produced the runs")
+    parser.add_argument("--notes", default="", help="text (or @file) placed under the title")
+    args = parser.parse_args(argv)
+    notes = Path(args.notes[1:]).read_text() if args.notes.startswith("@") else args.notes
+    path = write_report(args.runs, args.out, args.name, args.command, notes)
+    print(path.read_text())
+
+
+if __name__ == "__main__":
+    main()
