@@ -1,0 +1,149 @@
+"""Black-box test: an exact sign test over twins, from the suspect's losses only.
+
+Design (METHOD.md, last section). Every marked private image i of class k has two marked copies, one with
+carrier a_k and one with carrier b_k; a secret fair coin c_i decides which copy is released (the other, the
+twin, stays with the owner). Statistic: over the marked images, wins = #{i : L(twin_i) > L(released_i)},
+L the suspect's cross-entropy loss on the eval view (no augmentation, the suspect's own normalisation);
+exact ties are dropped and n counts the remaining pairs. p = P(Bin(n, 1/2) >= wins), reported as log10.
+
+Why it is exact under H0 ("the suspect never trained on the released images"): given the images, the
+suspect's losses on the two copies of image i are fixed numbers that cannot depend on c_i, because the
+coins are secret, drawn independently for each image and independently of everything the suspect could
+have seen. Which of the two copies is called "released" is therefore a fair coin per image, independently
+across images, so each non-tied sign is an independent fair coin and wins ~ Bin(n, 1/2). Shared per-class
+carriers do not create dependence: the randomness the test uses is the coin, not the carrier. H0 includes
+models trained on the *unmarked* originals of the same images. Assumptions: the coins are kept secret
+(and the twins never released) and were drawn independently of the suspect; the suspect is evaluated
+deterministically (eval mode). A model trained on the released copies tends to have lower loss on them
+than on their twins, so wins is large under H1.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import scipy.stats as ss
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torchvision.io import ImageReadMode, decode_png, read_file
+
+from radmark.detection import stats
+from radmark.detection.whitebox import NetView, detection_trainer
+
+MANIFEST = "manifest.csv"
+
+
+class TwinPairs(Dataset):
+    """Items ``(released uint8 (3,S,S), twin uint8 (3,S,S), label, index)`` read from a marked dir's manifest.
+
+    File names in the manifest are relative to ``marked_dir`` (absolute names are used as is).
+    """
+
+    def __init__(self, marked_dir: str | Path):
+        self.marked_dir = Path(marked_dir)
+        manifest = self.marked_dir / MANIFEST
+        if not manifest.is_file():
+            raise FileNotFoundError(
+                f"{manifest} not found: the black-box test needs the marked-data folder (released/, twins/, "
+                f"{MANIFEST}) written by marking; pass it with --marked-dir"
+            )
+        with open(manifest, newline="") as f:
+            rows = list(csv.DictReader(f))
+        if rows and not {"label", "file", "twin_file"} <= set(rows[0]):
+            raise ValueError(f"{manifest} lacks the columns label, file, twin_file: not a radmark manifest")
+        self.rows = [r for r in rows if r.get("twin_file")]
+        self.has_twins = bool(rows) and len(self.rows) == len(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _read(self, name: str) -> Tensor:
+        path = Path(name) if Path(name).is_absolute() else self.marked_dir / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} (listed in {self.marked_dir / MANIFEST}) is missing")
+        return decode_png(read_file(str(path)), mode=ImageReadMode.RGB)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor, int, int]:
+        r = self.rows[i]
+        return self._read(r["file"]), self._read(r["twin_file"]), int(r["label"]), int(r.get("index", i))
+
+
+def cross_entropy_tail_exact(logits: Tensor, y: Tensor) -> Tensor:
+    """Per-item cross-entropy, float64, as softplus(logsumexp_{j != y}(l_j - l_y)).
+
+    Equal to ``F.cross_entropy`` but keeps losses like 1e-30 instead of rounding them to 0: a confident
+    model would otherwise score both copies 0 and turn informative pairs into ties.
+    """
+    z = logits.double() - logits.double().gather(1, y[:, None])
+    z = z.scatter(1, y[:, None], float("-inf"))
+    return F.softplus(torch.logsumexp(z, dim=1))
+
+
+class TwinLosses(pl.LightningModule):
+    """Predict loop returning the suspect's per-image loss on each released copy and on its twin."""
+
+    def __init__(self, suspect: NetView):
+        super().__init__()
+        self.suspect = suspect
+        self.suspect_net = suspect.model  # submodule: moved to the device, put in eval mode by the Trainer
+
+    def loss(self, x: Tensor, y: Tensor) -> Tensor:
+        return cross_entropy_tail_exact(self.suspect_net(self.suspect.inputs(x)), y)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> tuple[Tensor, Tensor]:
+        released, twin, y = batch[0], batch[1], batch[2]
+        return self.loss(released, y).double().cpu(), self.loss(twin, y).double().cpu()
+
+
+def twin_losses(
+    suspect: NetView, pairs: Dataset, trainer: pl.Trainer | None = None, batch_size: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
+    """(loss on released copies, loss on twins), each of shape (n_marked,)."""
+    trainer = trainer or detection_trainer()
+    out = trainer.predict(TwinLosses(suspect), dataloaders=DataLoader(pairs, batch_size=batch_size))
+    assert out is not None
+    rel = torch.cat([o[0] for o in out]).numpy()  # type: ignore[index]
+    twin = torch.cat([o[1] for o in out]).numpy()  # type: ignore[index]
+    return rel, twin
+
+
+def sign_test(loss_released: np.ndarray, loss_twin: np.ndarray) -> dict:
+    """Exact one-sided sign test: wins = #(loss_twin > loss_released), ties dropped."""
+    diff = np.asarray(loss_twin, dtype=np.float64) - np.asarray(loss_released, dtype=np.float64)
+    wins, n = int(np.count_nonzero(diff > 0)), int(np.count_nonzero(diff != 0))
+    return {
+        "log10_p": stats.sign_test_log10_p(wins, n),
+        "wins": wins,
+        "n": n,
+        "ties": int(diff.size - n),
+        "loss_gap_mean": float(diff.mean()) if diff.size else float("nan"),
+    }
+
+
+def coin_null_pvalues(
+    loss_released: np.ndarray, loss_twin: np.ndarray, draws: int, generator: torch.Generator
+) -> dict:
+    """Sign-test p-values for ``draws`` fresh secret coin draws over the same twins (calibration).
+
+    Under H0 the coin is the only randomness, so re-drawing it (swapping released/twin per image with
+    probability 1/2) samples the exact null. Returns ``p`` (the test's conservative p-values, for FPR) and
+    ``p_randomized`` (P(X > w) + U * P(X = w), exactly U(0,1) under H0: the binomial is discrete, so a KS
+    test against U(0,1) is only meaningful on the randomised version).
+    """
+    diff = np.asarray(loss_twin, dtype=np.float64) - np.asarray(loss_released, dtype=np.float64)
+    # Coins for every pair, ties included, so the stream's use does not depend on the losses.
+    flips = torch.randint(0, 2, (draws, diff.size), generator=generator).numpy().astype(bool)
+    u = torch.rand(draws, generator=generator, dtype=torch.float64).numpy()
+    signed = np.where(flips, -diff, diff)
+    n = int(np.count_nonzero(diff != 0))
+    wins = np.count_nonzero(signed > 0, axis=1)
+    p = np.array([10.0 ** stats.sign_test_log10_p(int(w), n) for w in wins])
+    pmf = ss.binom.pmf(wins, n, 0.5)
+    p_rand = p - pmf + u * pmf
+    return {"p": p, "p_randomized": np.clip(p_rand, 0.0, 1.0), "n": n}
