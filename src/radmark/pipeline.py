@@ -50,6 +50,7 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
     """Run the stages named in ``cfg.stages`` and return the run's metrics."""
     from radmark.detection.api import detect
     from radmark.marking.api import mark
+    from radmark.marking.network import is_rank_zero
     from radmark.victim.train import train_victim
 
     run_dir = Path(cfg.paths.output_dir)
@@ -65,8 +66,11 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
         marked = mark(cfg, dm, run_dir, logger=logger)
         victim = None
         if "victim" in cfg.stages:
-            victim = train_victim(cfg, dm, marked.dataset, run_dir, logger=logger)
-        if "detect" in cfg.stages and victim is not None:
+            # `victim.init=marking_net` (linear probe / fine-tune of the marking network) needs its checkpoint.
+            victim = train_victim(cfg, dm, marked.dataset, run_dir, logger=logger,
+                                  init_checkpoint=marked.marking_net_path)
+        # Under DDP every rank runs this function; the test needs one process only.
+        if "detect" in cfg.stages and victim is not None and is_rank_zero():
             detect(cfg, dm, marked, victim.checkpoint, run_dir, logger=logger)
         metrics = update_metrics(run_dir, {"run/seconds": round(time.perf_counter() - start, 2)})
     finally:
