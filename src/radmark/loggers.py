@@ -13,8 +13,8 @@ from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 LOGGER_CHOICES = ("wandb", "csv", "none")
 
 
-def make_logger(logger_cfg: DictConfig, run_dir: str | Path, run_name: str, config: DictConfig | None = None
-                ) -> Logger | None:
+def make_logger(logger_cfg: DictConfig, run_dir: str | Path, run_name: str, config: DictConfig | None = None,
+                group: str | None = None) -> Logger | None:
     """One logger per run, shared by every stage's Trainer (metric names carry the stage prefix)."""
     name = logger_cfg.name
     run_dir = Path(run_dir)
@@ -34,7 +34,7 @@ def make_logger(logger_cfg: DictConfig, run_dir: str | Path, run_name: str, conf
         return WandbLogger(
             project=logger_cfg.project,
             name=run_name,
-            group=logger_cfg.group,
+            group=group or logger_cfg.group,
             save_dir=str(run_dir),
             mode=logger_cfg.mode,
             **kwargs,

@@ -57,7 +57,8 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     seeds = resolve_seeds(cfg.seeds)
     record_settings(cfg, run_dir, seeds)
-    logger = make_logger(cfg.logger, run_dir, run_name=f"{cfg.experiment}-{run_dir.name}", config=cfg)
+    logger = make_logger(cfg.logger, run_dir, run_name=f"{cfg.experiment}-{run_dir.name}", config=cfg,
+                         group=cfg.logger.group or sweep_group())
     start = time.perf_counter()
     try:
         dm = make_datamodule(cfg, seeds)
@@ -77,6 +78,16 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
         finish_logger(logger)
     print(summary_line(metrics, run_dir))
     return metrics
+
+
+def sweep_group() -> str | None:
+    """In a Hydra multirun, the sweep folder's name: every job of one sweep lands in one W&B group."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return Path(HydraConfig.get().sweep.dir).name
 
 
 def summary_line(metrics: dict[str, Any], run_dir: Path) -> str:
