@@ -76,7 +76,8 @@ class MarkingNetConfig:
 class MarkingConfig:
     name: str = "paper"
     fraction: float = 0.01  # q: share of the private split that gets marked
-    selection: str = "uniform"  # uniform | per_class
+    # uniform | per_class | hard (lowest marking-net confidence in the true class first, centre view)
+    selection: str = "uniform"
     network: MarkingNetConfig = field(default_factory=MarkingNetConfig)
     carriers: str = "sphere"  # sphere (paper) | pca:K (inside the top-K principal subspace of public features)
     twins: bool = True  # two keys per class and a secret coin per image (exact black-box sign test)
@@ -120,6 +121,11 @@ class DetectionConfig:
     n_heldout: int = 1000  # held-out images used for the least-squares alignment
     classifier_module: str | None = None  # dotted name of the suspect's last linear layer; None: by arch
     calibration_keys: int = 200
+    # White-box: held-out images marked toward fresh key-independent random carriers, added to the
+    # alignment (0: the paper's alignment on clean held-out images only).
+    align_probes: int = 0
+    # Black-box: loss averaged over this many random crop + flip views (1: the centre view, as the paper).
+    blackbox_views: int = 1
 
 
 @dataclass

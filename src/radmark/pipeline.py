@@ -15,11 +15,13 @@ from omegaconf import DictConfig, OmegaConf
 from radmark.config import resolve_seeds
 from radmark.loggers import finish_logger, make_logger
 from radmark.metrics import flatten, git_state, update_metrics
+from radmark.plots import marked_examples_png
 
 log = logging.getLogger(__name__)
 
 # Settings recorded in every metrics.json (tables are built from these, never from folder names).
 RECORDED_CONFIG = ("data", "marking", "victim", "detection")
+EXAMPLES_PNG = "marked_examples.png"
 
 
 def make_datamodule(cfg: DictConfig, seeds: dict[str, int]) -> Any:
@@ -47,7 +49,11 @@ def record_settings(cfg: DictConfig, run_dir: Path, seeds: dict[str, int]) -> No
 
 
 def run_experiment(cfg: DictConfig) -> dict[str, Any]:
-    """Run the stages named in ``cfg.stages`` and return the run's metrics."""
+    """Run the stages named in ``cfg.stages`` and return the run's metrics.
+
+    Under DDP every rank runs this function (Lightning re-launches the command); only rank 0 writes
+    metrics, figures and runs the detection tests, which need one process.
+    """
     from radmark.detection.api import detect
     from radmark.marking.api import mark
     from radmark.marking.network import is_rank_zero
@@ -56,27 +62,35 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     seeds = resolve_seeds(cfg.seeds)
-    record_settings(cfg, run_dir, seeds)
+    main_process = is_rank_zero()
+    if main_process:
+        record_settings(cfg, run_dir, seeds)
     logger = make_logger(cfg.logger, run_dir, run_name=f"{cfg.experiment}-{run_dir.name}", config=cfg,
                          group=cfg.logger.group or sweep_group())
     start = time.perf_counter()
     try:
         dm = make_datamodule(cfg, seeds)
-        update_metrics(run_dir, {"data/fingerprint": dm.split_fingerprint(),
-                                 **{f"data/n_{k}": v for k, v in dm.split_sizes().items()}})
+        if main_process:
+            update_metrics(run_dir, {"data/fingerprint": dm.split_fingerprint(),
+                                     **{f"data/n_{k}": v for k, v in dm.split_sizes().items()}})
         marked = mark(cfg, dm, run_dir, logger=logger)
+        if main_process:
+            examples = marked_examples_png(dm.dataset("private"), marked.dataset, marked.marked_indices,
+                                           run_dir / EXAMPLES_PNG)
+            update_metrics(run_dir, {"marking/examples_png": str(examples) if examples else None})
         victim = None
         if "victim" in cfg.stages:
             # `victim.init=marking_net` (linear probe / fine-tune of the marking network) needs its checkpoint.
             victim = train_victim(cfg, dm, marked.dataset, run_dir, logger=logger,
                                   init_checkpoint=marked.marking_net_path)
-        # Under DDP every rank runs this function; the test needs one process only.
-        if "detect" in cfg.stages and victim is not None and is_rank_zero():
+        if "detect" in cfg.stages and victim is not None and main_process:
             detect(cfg, dm, marked, victim.checkpoint, run_dir, logger=logger)
-        metrics = update_metrics(run_dir, {"run/seconds": round(time.perf_counter() - start, 2)})
     finally:
         finish_logger(logger)
-    print(summary_line(metrics, run_dir))
+    if not main_process:
+        return {}
+    metrics = update_metrics(run_dir, {"run/seconds": round(time.perf_counter() - start, 2)})
+    print(summary(metrics, run_dir))
     return metrics
 
 
@@ -90,16 +104,29 @@ def sweep_group() -> str | None:
     return Path(HydraConfig.get().sweep.dir).name
 
 
-def summary_line(metrics: dict[str, Any], run_dir: Path) -> str:
-    """One line a person reads at the end of a run."""
-    parts = []
-    for key, label, fmt in (
-        ("marking/fraction", "marked", "{:.0%}"),
-        ("marking/psnr_mean", "PSNR", "{:.1f} dB"),
-        ("victim/test_acc", "acc", "{:.2%}"),
-        ("detect/whitebox_log10_p", "white-box log10 p", "{:.2f}"),
-        ("detect/blackbox_log10_p", "black-box log10 p", "{:.2f}"),
-    ):
-        if metrics.get(key) is not None:
-            parts.append(f"{label} {fmt.format(metrics[key])}")
-    return "radmark: " + ", ".join(parts) + f" | run dir {run_dir}"
+def summary(metrics: dict[str, Any], run_dir: Path) -> str:
+    """The plain summary a person reads at the end of a run: numbers first, then where things are."""
+
+    def fmt(key: str, spec: str) -> str:
+        value = metrics.get(key)
+        return "n/a" if value is None else spec.format(value)
+
+    lines = [
+        f"radmark run {metrics.get('run/experiment', '')}: {fmt('run/seconds', '{:.0f}')} s",
+        f"  marked      {fmt('marking/n_marked', '{}')} of {fmt('marking/n_private', '{}')} private images "
+        f"({fmt('marking/fraction', '{:.0%}')}), PSNR {fmt('marking/psnr_mean', '{:.1f}')} dB "
+        f"(min {fmt('marking/psnr_min', '{:.1f}')}), L-inf {fmt('marking/linf_max', '{:.0f}')}/255",
+        f"  victim      {fmt('victim/arch', '{}')} ({fmt('victim/mode', '{}')}), test accuracy "
+        f"{fmt('victim/test_acc', '{:.2%}')}, train accuracy {fmt('victim/train_acc', '{:.2%}')}",
+        f"  white-box   log10 p = {fmt('detect/whitebox_log10_p', '{:.2f}')} "
+        f"(mean cosine {fmt('detect/whitebox_cos_mean', '{:.3f}')})",
+        f"  black-box   log10 p = {fmt('detect/blackbox_log10_p', '{:.2f}')} "
+        f"({fmt('detect/blackbox_wins', '{}')} of {fmt('detect/blackbox_n', '{}')} twins favour the released copy)",
+        "  (log10 p <= -4 means p <= 1e-4: such a mark in a model that never saw the data happens once in 10,000)",
+        f"  key         {run_dir / 'key.safetensors'} (sha256 {fmt('marking/key_sha256', '{}')})",
+        f"  marked data {fmt('marking/marked_dir', '{}')}",
+        f"  suspect     {fmt('detect/suspect', '{}')}",
+        f"  figures     {fmt('marking/examples_png', '{}')}",
+        f"  metrics     {run_dir / 'metrics.json'}",
+    ]
+    return "\n".join(lines)

@@ -58,7 +58,7 @@ def build_rows(runs: list[dict[str, Any]]) -> tuple[list[float], list[str], dict
         cell["victim/train_acc"] = _mean([m.get("victim/train_acc") for m in members])
         cell["victim/epochs"] = members[0].get("victim/epochs")
         cells[key] = cell
-    for (fraction, arch), cell in cells.items():
+    for (_fraction, arch), cell in cells.items():
         base = cells.get((0.0, arch), {}).get("victim/test_acc")
         acc = cell.get("victim/test_acc")
         cell["acc_change"] = acc - base if acc is not None and base is not None else None
@@ -129,6 +129,46 @@ def plot_log10p(path: Path, fractions, archs, cells) -> None:
     plt.close(fig)
 
 
+def unflatten(metrics: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """Inverse of :func:`radmark.metrics.flatten` for one prefix: ``config/data.splits.public`` -> nested."""
+    out: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if key.startswith(prefix + "."):
+            node = out
+            *parents, leaf = key[len(prefix) + 1:].split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+    return out
+
+
+def examples_png_for_run(metrics: dict[str, Any], out: Path) -> Path | None:
+    """Original / marked / amplified-difference grid of a finished run, rebuilt from its metrics.json."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from radmark.config import DataConfig
+    from radmark.data.datamodule import RadmarkDataModule
+    from radmark.marking.dataset import MarkedDataset
+    from radmark.plots import marked_examples_png
+
+    existing = metrics.get("marking/examples_png")
+    if existing and Path(existing).is_file():
+        with atomic_path(out) as tmp:
+            shutil.copyfile(existing, tmp)
+        return out
+    marked_dir = metrics.get("marking/marked_dir")
+    if not marked_dir or not (Path(marked_dir) / "manifest.csv").is_file():
+        return None
+    data_cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), unflatten(metrics, "config/data"))
+    dm = RadmarkDataModule(data_cfg, split_seed=int(metrics["seeds/splits"]))
+    dm.setup()
+    private = dm.dataset("private")
+    marked = MarkedDataset(private, marked_dir)
+    return marked_examples_png(private, marked, marked.marked_indices, out)
+
+
 def write_report(runs_root: str | Path, out_dir: str | Path, name: str, command: str, notes: str = "") -> Path:
     runs = collect_runs(runs_root)
     if not runs:
@@ -141,6 +181,9 @@ def write_report(runs_root: str | Path, out_dir: str | Path, name: str, command:
         tmp.write_text(text)
     write_csv(out_dir / f"{name}.csv", fractions, archs, cells)
     plot_log10p(out_dir / f"{name}_log10p.png", fractions, archs, cells)
+    # The image grid comes from the run with the most marked images.
+    richest = max(runs, key=lambda r: float(r.get(FRACTION_KEY, 0.0)))
+    examples_png_for_run(richest, out_dir / f"{name}_examples.png")
     return md
 
 

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from radmark.detection.blackbox import TwinPairs, sign_test, twin_losses
+from radmark.detection.probes import make_probes, probe_settings, torch_device
 from radmark.detection.whitebox import NetView, detection_trainer, whitebox_detect
 from radmark.io import read_json, sha256_file, write_json
 from radmark.metrics import update_metrics
@@ -148,9 +149,16 @@ def run_tests(
     blackbox: bool = True,
     accelerator: str = "auto",
     blackbox_reason: str | None = None,
+    align_probes: int = 0,
+    blackbox_views: int = 1,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Both tests. Returns ``{"whitebox": dict | None, "blackbox": dict | None, "blackbox_reason": str |
-    None, "seconds": float}``; a test that did not run has a reason instead of a result."""
+    None, "seconds": float}``; a test that did not run has a reason instead of a result.
+
+    ``align_probes`` / ``blackbox_views``: ``detection.*`` (0 / 1: the paper); ``seed`` (``seeds.detection``)
+    draws the probes' carriers and the black-box views, never the key.
+    """
     start = time.perf_counter()
     n_out = get_classifier(suspect.model, suspect.classifier).out_features
     if n_out != key.num_classes:
@@ -163,8 +171,13 @@ def run_tests(
     if whitebox:
         if heldout is None:
             raise DetectionInputError("the white-box test needs the held-out split")
+        probes = None
+        if align_probes > 0:
+            n_clean = min(int(n_heldout), len(heldout))  # type: ignore[arg-type]
+            probes = make_probes(marking, Subset(heldout, range(n_clean)), int(align_probes), seed,
+                                 probe_settings(key), key.basis, torch_device(accelerator))
         out["whitebox"] = whitebox_detect(
-            marking, suspect, key.carriers, heldout, n_heldout, trainer=trainer, basis=key.basis
+            marking, suspect, key.carriers, heldout, n_heldout, trainer=trainer, basis=key.basis, probes=probes
         )
     if blackbox:
         if not key.twins:
@@ -172,8 +185,8 @@ def run_tests(
         elif pairs is None:
             out["blackbox_reason"] = out["blackbox_reason"] or "no marked dir with released/twin images given"
         else:
-            rel, twin = twin_losses(suspect, pairs, trainer=trainer)
-            out["blackbox"] = sign_test(rel, twin)
+            rel, twin = twin_losses(suspect, pairs, trainer=trainer, views=blackbox_views, seed=seed)
+            out["blackbox"] = {**sign_test(rel, twin), "views": int(blackbox_views)}
             out["blackbox_reason"] = None
     elif out["blackbox_reason"] is None:
         out["blackbox_reason"] = "disabled (detection.blackbox=false)"
@@ -188,10 +201,12 @@ def summary_metrics(result: dict[str, Any]) -> dict[str, Any]:
         "detect/whitebox_log10_p": wb["log10_p"] if wb else None,
         "detect/whitebox_cos_mean": wb["cos_mean"] if wb else None,
         "detect/whitebox_n_heldout": wb["n_heldout"] if wb else None,
+        "detect/whitebox_n_probes": wb.get("n_probes", 0) if wb else None,
         "detect/blackbox_log10_p": bb["log10_p"] if bb else None,
         "detect/blackbox_wins": bb["wins"] if bb else None,
         "detect/blackbox_n": bb["n"] if bb else None,
         "detect/blackbox_ties": bb["ties"] if bb else None,
+        "detect/blackbox_views": bb.get("views", 1) if bb else None,
         "detect/blackbox_reason": result.get("blackbox_reason"),
         "detect/seconds": result["seconds"],
     }
@@ -213,6 +228,7 @@ def per_class_report(result: dict[str, Any], classes: list[str] | None = None) -
         "d": wb["d"],
         "d_suspect": wb["d_suspect"],
         "n_heldout": wb["n_heldout"],
+        "n_probes": wb.get("n_probes", 0),
     }
 
 
@@ -229,6 +245,7 @@ def detect(
 ) -> dict[str, Any]:
     """Run the tests enabled in ``cfg.detection`` on ``suspect_checkpoint``; writes ``detect/*`` metrics
     and ``<run_dir>/detect_per_class.json``; returns the metrics."""
+    from radmark.config import resolve_seeds
     from radmark.marking.key import load_key
 
     run_dir = Path(run_dir)
@@ -242,6 +259,8 @@ def detect(
     result = run_tests(
         key, marking, suspect, datamodule.dataset("heldout"), int(dcfg.n_heldout), pairs,
         whitebox=bool(dcfg.whitebox), blackbox=bool(dcfg.blackbox), accelerator=str(cfg.trainer.accelerator),
+        align_probes=int(dcfg.align_probes), blackbox_views=int(dcfg.blackbox_views),
+        seed=resolve_seeds(cfg.seeds)["detection"],
     )
     metrics = summary_metrics(result)
     metrics["detect/suspect"] = str(suspect_checkpoint)

@@ -16,6 +16,12 @@ models trained on the *unmarked* originals of the same images. Assumptions: the 
 (and the twins never released) and were drawn independently of the suspect; the suspect is evaluated
 deterministically (eval mode). A model trained on the released copies tends to have lower loss on them
 than on their twins, so wins is large under H1.
+
+Views (``detection.blackbox_views = V``): with V > 1, L is the loss averaged over V random training-style
+views (reflect-padded random crop + flip, as the victim's ``crop_flip``), drawn once from a generator seeded
+by ``seeds.detection`` and applied identically to the released copy and its twin. The views are independent
+of the coins, so each pair's two losses are still fixed numbers given the images and the views, and the sign
+test stays exact. V = 1 is the single centre view above.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_png, read_file
 
+from radmark.config import derive_seed
 from radmark.detection import stats
 from radmark.detection.whitebox import NetView, detection_trainer
 
@@ -85,16 +92,46 @@ def cross_entropy_tail_exact(logits: Tensor, y: Tensor) -> Tensor:
     return F.softplus(torch.logsumexp(z, dim=1))
 
 
-class TwinLosses(pl.LightningModule):
-    """Predict loop returning the suspect's per-image loss on each released copy and on its twin."""
+def draw_views(n_views: int, seed: int) -> Tensor | None:
+    """U(0, 1) parameters (V, 3) of V random crop + flip views (x offset, y offset, flip) from a generator
+    seeded by ``derive_seed(seed, "blackbox-views")``; None for V = 1 (the centre view)."""
+    if n_views < 1:
+        raise ValueError(f"detection.blackbox_views={n_views}: must be >= 1")
+    if n_views == 1:
+        return None
+    g = torch.Generator().manual_seed(derive_seed(int(seed), "blackbox-views"))
+    return torch.rand(n_views, 3, generator=g, dtype=torch.float64)
 
-    def __init__(self, suspect: NetView):
+
+def apply_view(x: Tensor, u: Tensor) -> Tensor:
+    """One view of stored images ``x`` (N, 3, S, S): reflect-pad by S // 8, crop S x S at the offsets ``u[0:2]``
+    pick (each uniform over the 2 * pad + 1 positions), flip when ``u[2] < 0.5``. Float, 0-255 scale."""
+    s = x.shape[-1]
+    pad = s // 8
+    x = x.float()
+    if pad:
+        x = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dx, dy = (min(int(float(v) * (2 * pad + 1)), 2 * pad) for v in u[:2])
+    x = x[..., dy : dy + s, dx : dx + s]
+    return x.flip(-1) if float(u[2]) < 0.5 else x
+
+
+class TwinLosses(pl.LightningModule):
+    """Predict loop returning the suspect's per-image loss on each released copy and on its twin
+    (averaged over ``views`` from :func:`draw_views` when given)."""
+
+    def __init__(self, suspect: NetView, views: Tensor | None = None):
         super().__init__()
         self.suspect = suspect
         self.suspect_net = suspect.model  # submodule: moved to the device, put in eval mode by the Trainer
+        self.views = views
 
     def loss(self, x: Tensor, y: Tensor) -> Tensor:
-        return cross_entropy_tail_exact(self.suspect_net(self.suspect.inputs(x)), y)
+        if self.views is None:
+            return cross_entropy_tail_exact(self.suspect_net(self.suspect.inputs(x)), y)
+        losses = [cross_entropy_tail_exact(self.suspect_net(self.suspect.inputs(apply_view(x, u))), y)
+                  for u in self.views]
+        return torch.stack(losses).mean(0)
 
     def predict_step(self, batch: Any, batch_idx: int) -> tuple[Tensor, Tensor]:
         released, twin, y = batch[0], batch[1], batch[2]
@@ -102,11 +139,18 @@ class TwinLosses(pl.LightningModule):
 
 
 def twin_losses(
-    suspect: NetView, pairs: Dataset, trainer: pl.Trainer | None = None, batch_size: int = 256
+    suspect: NetView,
+    pairs: Dataset,
+    trainer: pl.Trainer | None = None,
+    batch_size: int = 256,
+    views: int = 1,
+    seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(loss on released copies, loss on twins), each of shape (n_marked,)."""
+    """(loss on released copies, loss on twins), each of shape (n_marked,); ``views`` > 1 averages over
+    that many random views drawn from ``seed`` (``seeds.detection``), see the module docstring."""
     trainer = trainer or detection_trainer()
-    out = trainer.predict(TwinLosses(suspect), dataloaders=DataLoader(pairs, batch_size=batch_size))
+    module = TwinLosses(suspect, draw_views(int(views), seed))
+    out = trainer.predict(module, dataloaders=DataLoader(pairs, batch_size=batch_size))
     assert out is not None
     rel = torch.cat([o[0] for o in out]).numpy()  # type: ignore[index]
     twin = torch.cat([o[1] for o in out]).numpy()  # type: ignore[index]

@@ -11,7 +11,8 @@
 White-box: for each model, the secret key is replaced by ``detection.calibration_keys`` fresh random keys
 (:func:`radmark.detection.stats.random_carriers`, generator seeded by ``seeds.detection``); the features and
 the alignment are computed once per model. Black-box: the same number of fresh secret coin draws over the
-same twins (under H0 the coin is the only randomness). Reported: KS statistic vs U(0,1) and FPR at 0.05 /
+same twins (under H0 the coin is the only randomness). ``detection.align_probes`` and
+``detection.blackbox_views`` apply as in detection (probes built once, shared by all models and keys). Reported: KS statistic vs U(0,1) and FPR at 0.05 /
 0.01, per model and pooled; ``calibration.json`` and ``calibration_hist.png`` in the run dir.
 
 The sign test's p-value is discrete, hence conservative (FPR <= alpha) and not exactly uniform; its KS
@@ -35,11 +36,13 @@ from radmark.config import derive_seed, resolve_seeds
 from radmark.detection import stats
 from radmark.detection.api import marking_view, suspect_view, twin_pairs
 from radmark.detection.blackbox import coin_null_pvalues, sign_test, twin_losses
+from radmark.detection.probes import make_probes, probe_settings, torch_device
 from radmark.detection.whitebox import (
     WhiteboxDetector,
     detection_trainer,
     extract_features,
     heldout_loader,
+    with_probes,
 )
 from radmark.io import write_json
 
@@ -94,12 +97,19 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
     trainer = detection_trainer(str(cfg.trainer.accelerator))
     loader = heldout_loader(dm.dataset("heldout"), int(cfg.detection.n_heldout))
     C, k_dim = key.num_classes, key.carrier_dim
+    n_probes, n_views = int(cfg.detection.align_probes), int(cfg.detection.blackbox_views)
+    # Probes depend on the held-out images, the marking net and seeds.detection only: built once, shared by
+    # every model and every fresh key (see radmark.detection.probes).
+    probes = None
+    if n_probes > 0:
+        probes = make_probes(marking, loader.dataset, n_probes, seeds["detection"], probe_settings(key),
+                             key.basis, torch_device(str(cfg.trainer.accelerator)))
 
     per_model: dict[str, Any] = {}
     for name, (model, meta) in _suspects(cfg, dm, marked, run_dir, models).items():
         suspect = suspect_view(model, meta, cfg.detection.classifier_module, dm.mean, dm.std, dm.image_size)
         detector = WhiteboxDetector(marking, suspect, key.carriers)
-        fm, fs = extract_features(detector, loader, trainer)
+        fm, fs = with_probes(detector, *extract_features(detector, loader, trainer), probes, trainer)
         aligned = detector.aligned_rows(fm, fs)
         # One stream per (model, test): a model's draws do not depend on which other models ran.
         gen = torch.Generator().manual_seed(derive_seed(seeds["detection"], f"whitebox:{name}"))
@@ -116,7 +126,7 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
             "whitebox_p": wb_p,
         }
         if pairs is not None:
-            rel, twin = twin_losses(suspect, pairs, trainer=trainer)
+            rel, twin = twin_losses(suspect, pairs, trainer=trainer, views=n_views, seed=seeds["detection"])
             gen = torch.Generator().manual_seed(derive_seed(seeds["detection"], f"blackbox:{name}"))
             null = coin_null_pvalues(rel, twin, n_keys, gen)
             entry["secret_coins_blackbox"] = sign_test(rel, twin)
@@ -137,6 +147,8 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
         "models": models,
         "n_heldout": len(loader.dataset),  # type: ignore[arg-type]
         "n_twins": len(pairs) if pairs is not None else 0,
+        "align_probes": n_probes,
+        "blackbox_views": n_views,
         "carrier_dim": k_dim,
         "num_classes": C,
         "seed_detection": seeds["detection"],

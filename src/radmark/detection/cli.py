@@ -53,6 +53,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--marking-net", type=Path, default=None,
                    help="marking network checkpoint (overrides the path in the key; sha256 must match)")
     p.add_argument("--n-heldout", type=int, default=1000, help="held-out images for the alignment")
+    p.add_argument("--align-probes", type=int, default=0,
+                   help="white-box: add N held-out images marked toward fresh random (key-independent) "
+                   "carriers to the alignment (default 0: the paper's alignment)")
+    p.add_argument("--blackbox-views", type=int, default=1,
+                   help="black-box: average each loss over V random crop + flip views (default 1: centre view)")
+    p.add_argument("--detection-seed", type=int, default=None,
+                   help="seed of the probes' carriers and the views (default: the pipeline's seeds.detection "
+                   "for seeds.root=0)")
     p.add_argument("--suspect-mean", type=float, nargs=3, default=None,
                    help="suspect's input normalisation mean (default: its .json, else the data's)")
     p.add_argument("--suspect-std", type=float, nargs=3, default=None, help="as --suspect-mean, for std")
@@ -142,15 +150,24 @@ def detect_third_party(args: argparse.Namespace) -> dict[str, Any]:
                       "manifest.csv, released/, twins/)")
         else:
             pairs = twin_pairs(marked_dir, key)
+    if args.align_probes < 0 or args.blackbox_views < 1:
+        raise DetectionInputError("--align-probes must be >= 0 and --blackbox-views >= 1")
+    seed = args.detection_seed
+    if seed is None:
+        from radmark.config import SeedsConfig, resolve_seeds
+
+        seed = resolve_seeds(SeedsConfig())["detection"]
     result = run_tests(key, marking, suspect, heldout, args.n_heldout, pairs,
                        whitebox=not args.no_whitebox, blackbox=not args.no_blackbox,
-                       accelerator=args.device, blackbox_reason=reason)
+                       accelerator=args.device, blackbox_reason=reason, align_probes=args.align_probes,
+                       blackbox_views=args.blackbox_views, seed=int(seed))
     return {
         "key": str(args.key),
         "key_sha256": sha256_file(args.key),
         "suspect": str(args.suspect),
         "suspect_sha256": sha256_file(args.suspect),
         "suspect_arch": meta.get("arch"),
+        "detection_seed": int(seed),
         **{k.split("/", 1)[1]: v for k, v in summary_metrics(result).items()},
         "per_class": per_class_report(result, classes),
         "blackbox": result["blackbox"],
@@ -163,13 +180,15 @@ def format_result(res: dict[str, Any]) -> str:
     if wb is not None:
         pc = res["per_class"]
         lines.append(f"white-box: log10 p = {wb:.3f}  (mean cosine {res['whitebox_cos_mean']:.4f}, "
-                     f"{len(pc['cosines'])} classes, d = {pc['d']}, {pc['n_heldout']} held-out images)")
+                     f"{len(pc['cosines'])} classes, d = {pc['d']}, {pc['n_heldout']} held-out images"
+                     + (f" + {pc['n_probes']} probes" if pc.get("n_probes") else "") + ")")
     else:
         lines.append("white-box: not run")
     if bb is not None:
+        views = res.get("blackbox_views") or 1
         lines.append(f"black-box: log10 p = {bb:.3f}  (lower loss on the released copy for "
                      f"{res['blackbox_wins']} of {res['blackbox_n']} twin pairs, "
-                     f"{res['blackbox_ties']} ties dropped)")
+                     f"{res['blackbox_ties']} ties dropped" + (f", {views} views" if views > 1 else "") + ")")
     else:
         lines.append(f"black-box: not run ({res['blackbox_reason']})")
     return "\n".join(lines)

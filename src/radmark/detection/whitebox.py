@@ -156,11 +156,31 @@ def whitebox_detect(
     trainer: pl.Trainer | None = None,
     batch_size: int = 256,
     basis: Tensor | None = None,
+    probes: Dataset | None = None,
 ) -> dict:
-    """The white-box result dict (log10_p, cos_mean, cosines, per_class_log10_p, n_heldout, d, d_suspect)."""
+    """The white-box result dict (log10_p, cos_mean, cosines, per_class_log10_p, n_heldout, n_probes, d,
+    d_suspect). ``probes``: key-independent marked images whose features join the alignment
+    (:mod:`radmark.detection.probes`)."""
     detector = WhiteboxDetector(marking, suspect, carriers)
     fm, fs = extract_features(detector, heldout_loader(heldout, n_heldout, batch_size), trainer)
-    return detector.test(fm, fs, basis=basis)
+    n_clean = int(fm.shape[0])
+    fm, fs = with_probes(detector, fm, fs, probes, trainer, batch_size)
+    return {**detector.test(fm, fs, basis=basis), "n_heldout": n_clean, "n_probes": int(fm.shape[0]) - n_clean}
+
+
+def with_probes(
+    detector: WhiteboxDetector,
+    fm: Tensor,
+    fs: Tensor,
+    probes: Dataset | None,
+    trainer: pl.Trainer | None = None,
+    batch_size: int = 256,
+) -> tuple[Tensor, Tensor]:
+    """(F_m, F_s) with the probes' features appended (unchanged when ``probes`` is None or empty)."""
+    if probes is None or not len(probes):  # type: ignore[arg-type]
+        return fm, fs
+    pm, ps = extract_features(detector, DataLoader(probes, batch_size=batch_size, shuffle=False), trainer)
+    return torch.cat([fm, pm]), torch.cat([fs, ps])
 
 
 def detection_trainer(accelerator: str = "auto", **overrides: Any) -> pl.Trainer:

@@ -93,7 +93,8 @@ def mark(cfg: DictConfig, datamodule: Any, run_dir: str | Path, logger: Any = No
 
     private = datamodule.dataset("private")
     labels = np.asarray(datamodule.labels("private"), dtype=np.int64)
-    marked = select_marked(labels, float(mcfg.fraction), str(mcfg.selection), seeds["selection"])
+    scores = _true_class_confidence(cfg, datamodule, net) if str(mcfg.selection) == "hard" else None
+    marked = select_marked(labels, float(mcfg.fraction), str(mcfg.selection), seeds["selection"], scores)
     basis = None if pca_k is None else pca_basis(_public_features(cfg, datamodule, phi), pca_k)
     key = make_key(
         seeds["key"], int(cfg.data.num_classes), phi.dim, torch.from_numpy(marked),
@@ -256,6 +257,25 @@ def _public_features(cfg: DictConfig, dm: Any, phi: nn.Module) -> torch.Tensor:
                                                               batch_size=int(cfg.marking.batch_size))]
     phi.cpu()
     return torch.cat(feats)
+
+
+@torch.no_grad()
+def _true_class_confidence(cfg: DictConfig, dm: Any, net: nn.Module) -> np.ndarray:
+    """Softmax probability of the true class under the marking net's own classifier, centre view, for each
+    private image (``marking.selection=hard`` marks the lowest first)."""
+    device = _device(cfg)
+    net = net.to(device).eval()
+    out = []
+    for x, y, _ in dm.loader("private", train=False, batch_size=int(cfg.marking.batch_size)):
+        logits = net(x.to(device)).double()
+        if logits.shape[1] != int(cfg.data.num_classes):
+            raise ValueError(
+                f"marking.selection=hard needs a marking net that classifies the data's "
+                f"{cfg.data.num_classes} classes; its classifier has {logits.shape[1]} outputs"
+            )
+        out.append(logits.softmax(1).gather(1, y.to(device).long()[:, None])[:, 0].cpu())
+    net.cpu()
+    return torch.cat(out).numpy()
 
 
 def _run_marking(cfg: DictConfig, phi: nn.Module, settings: MarkingSettings, private: Any, key: Key,

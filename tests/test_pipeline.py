@@ -1,0 +1,106 @@
+"""The whole job through its plain functions and through the CLI, on tiny fake data; tables from runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from fakedata import write_fashion_mnist_idx
+from radmark.pipeline import run_experiment
+from radmark.report import write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "data.splits.public=200", "data.splits.private=100", "data.splits.heldout=60", "data.splits.test=60",
+    "data.batch_size=32", "marking.steps=4", "marking.network.epochs=1", "marking.network.batch_size=32",
+    "victim.epochs=1", "victim.batch_size=32", "detection.n_heldout=60", "logger=csv",
+]
+KEYS = ("marking/psnr_mean", "marking/linf_max", "victim/test_acc", "detect/whitebox_log10_p",
+        "detect/blackbox_log10_p")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fmnist")
+    write_fashion_mnist_idx(root, n_train=400, n_test=80, seed=3)
+    return root
+
+
+def _compose(overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def test_run_experiment_writes_every_stage(tmp_path, data_root, capsys):
+    paths = [f"data.root={data_root}", f"paths.cache_dir={tmp_path / 'cache'}", "paths.data_dir=unused",
+             "paths.root_dir=."]
+    cfg = _compose(["+experiment=smoke", *TINY, *paths, f"paths.output_dir={tmp_path / 'run1'}"])
+    metrics = run_experiment(cfg)
+    for key in KEYS:
+        assert math.isfinite(metrics[key]), key
+    assert metrics["marking/linf_max"] <= cfg.marking.radius
+    assert metrics["git/sha"] and "seeds/selection" in metrics and metrics["config/marking.fraction"] == 0.1
+    on_disk = json.loads((tmp_path / "run1" / "metrics.json").read_text())
+    assert on_disk == metrics
+    assert (tmp_path / "run1" / "marked_examples.png").stat().st_size > 0
+    out = capsys.readouterr().out
+    assert "white-box   log10 p" in out and str(tmp_path / "run1") in out
+
+    # Another training seed: same key and marked data (reused from the cache), a different victim.
+    cfg2 = _compose(["+experiment=smoke", *TINY, *paths, f"paths.output_dir={tmp_path / 'run2'}",
+                     "seeds.train=7"])
+    metrics2 = run_experiment(cfg2)
+    assert metrics2["marking/reused"] is True
+    assert metrics2["marking/key_sha256"] == metrics["marking/key_sha256"]
+    assert metrics2["marking/marked_dir"] == metrics["marking/marked_dir"]
+    assert metrics2["seeds/train"] == 7 != metrics["seeds/train"]
+
+
+def test_report_builds_table_from_metrics_files(tmp_path):
+    for arch, base_acc in (("resnet18", 0.9), ("vgg16", 0.8)):
+        for fraction in (0.0, 0.01, 0.1):
+            run = tmp_path / "runs" / f"{arch}-{fraction}"
+            run.mkdir(parents=True)
+            (run / "metrics.json").write_text(json.dumps({
+                "config/victim.arch": arch, "config/marking.fraction": fraction,
+                "detect/whitebox_log10_p": -10 * fraction, "detect/blackbox_log10_p": -5 * fraction,
+                "victim/test_acc": base_acc - fraction, "victim/train_acc": 0.95, "marking/psnr_mean": 40.0,
+            }))
+    (tmp_path / "runs" / "unfinished").mkdir()
+    (tmp_path / "runs" / "unfinished" / "metrics.json").write_text(json.dumps({"config/victim.arch": "x"}))
+    md = write_report(tmp_path / "runs", tmp_path / "out", "t", "make reproduce-table")
+    text = md.read_text()
+    assert "Produced by: `make reproduce-table`" in text and "## vgg16" in text and "## x" not in text
+    rows = list(csv.DictReader(open(tmp_path / "out" / "t.csv")))
+    assert len(rows) == 6
+    ten = next(r for r in rows if r["arch"] == "resnet18" and float(r["percent_marked"]) == 10)
+    assert float(ten["acc_change"]) == pytest.approx(-10.0)
+    assert float(ten["detect/whitebox_log10_p"]) == pytest.approx(-1.0)
+    assert (tmp_path / "out" / "t_log10p.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_two_point_sweep_and_table(tmp_path, data_root):
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "radmark.run", "-m", "+experiment=smoke", *TINY,
+           f"data.root={data_root}", f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}",
+           "marking.fraction=0,0.1"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    subdirs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and (p / "metrics.json").exists())
+    assert subdirs == ["marking.fraction=0", "marking.fraction=0.1"]
+    md = write_report(sweep, tmp_path / "results", "smoke", " ".join(cmd[2:]))
+    rows = list(csv.DictReader(open(tmp_path / "results" / "smoke.csv")))
+    assert [float(r["percent_marked"]) for r in rows] == [0.0, 10.0]
+    for row in rows:
+        for key in ("detect/whitebox_log10_p", "detect/blackbox_log10_p", "victim/test_acc"):
+            assert math.isfinite(float(row[key])), (row, key)
+    assert (tmp_path / "results" / "smoke_examples.png").is_file()
+    assert "## resnet18" in md.read_text()
