@@ -39,9 +39,10 @@ def collect_runs(root: str | Path) -> list[dict[str, Any]]:
     return runs
 
 
-def _mean(values: list[float]) -> float | None:
-    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    return statistics.fmean(values) if values else None
+def _mean(values: list[Any]) -> float | None:
+    """Mean over seeds of the values that exist (a test that did not run is None)."""
+    kept = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return statistics.fmean(kept) if kept else None
 
 
 def build_rows(runs: list[dict[str, Any]]) -> tuple[list[float], list[str], dict[tuple[float, str], dict]]:
@@ -51,7 +52,9 @@ def build_rows(runs: list[dict[str, Any]]) -> tuple[list[float], list[str], dict
         groups[(float(run[FRACTION_KEY]), str(run[ARCH_KEY]))].append(run)
     cells: dict[tuple[float, str], dict[str, Any]] = {}
     for key, members in groups.items():
-        cell = {col: _mean([m.get(col) for m in members]) for col, _, _ in COLUMNS if col != "acc_change"}
+        cell: dict[str, Any] = {
+            col: _mean([m.get(col) for m in members]) for col, _, _ in COLUMNS if col != "acc_change"
+        }
         if cell.get("victim/test_acc") is not None:
             cell["victim/test_acc"] *= 100.0
         cell["n_runs"] = len(members)

@@ -12,8 +12,9 @@ White-box: for each model, the secret key is replaced by ``detection.calibration
 (:func:`radmark.detection.stats.random_carriers`, generator seeded by ``seeds.detection``); the features and
 the alignment are computed once per model. Black-box: the same number of fresh secret coin draws over the
 same twins (under H0 the coin is the only randomness). ``detection.align_probes`` and
-``detection.blackbox_views`` apply as in detection (probes built once, shared by all models and keys). Reported: KS statistic vs U(0,1) and FPR at 0.05 /
-0.01, per model and pooled; ``calibration.json`` and ``calibration_hist.png`` in the run dir.
+``detection.blackbox_views`` apply as in detection (the probes are built once, shared by all models and
+keys). Reported: KS statistic vs U(0,1) and FPR at 0.05 / 0.01, per model and pooled; ``calibration.json``
+and ``calibration_hist.png`` in the run dir.
 
 The sign test's p-value is discrete, hence conservative (FPR <= alpha) and not exactly uniform; its KS
 statistic is computed on the randomised p-value P(X > w) + U P(X = w), which is exactly U(0,1) under H0.
