@@ -43,6 +43,8 @@ def record_settings(cfg: DictConfig, run_dir: Path, seeds: dict[str, int]) -> No
     for group in RECORDED_CONFIG:
         values.update(flatten(f"config/{group}", OmegaConf.to_container(cfg[group], resolve=True)))
     values["run/experiment"] = cfg.experiment
+    values["run/variant"] = variant_label(cfg)
+    values["run/command"] = command_line()
     values["run/dir"] = str(run_dir)
     values.update(git_state())
     update_metrics(run_dir, values)
@@ -92,6 +94,26 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
     metrics = update_metrics(run_dir, {"run/seconds": round(time.perf_counter() - start, 2)})
     print(summary(metrics, run_dir))
     return metrics
+
+
+def variant_label(cfg: DictConfig) -> str:
+    """The marking/detection recipe in one string: rows of the power table are grouped by it."""
+    m, d = cfg.marking, cfg.detection
+    return (f"marking={m.name} carriers={m.carriers} selection={m.selection} | detection={d.name} "
+            f"probes={d.align_probes} views={d.blackbox_views}")
+
+
+def command_line() -> str:
+    """The command that reproduces this run (the job's own overrides in a sweep)."""
+    import sys
+
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return "(called from Python: " + " ".join(sys.argv) + ")"
+    hc = HydraConfig.get()
+    module = "radmark.detection.calibrate" if "calibrate" in hc.job.name else "radmark.run"
+    return " ".join(["python -m", module, *hc.overrides.task])
 
 
 def sweep_group() -> str | None:

@@ -190,16 +190,87 @@ def write_report(runs_root: str | Path, out_dir: str | Path, name: str, command:
     return md
 
 
+def _calibration_cells(calibration: dict[str, Any] | None) -> tuple[str, str]:
+    """'KS p / FPR.05 / FPR.01' for both tests of one calibration report (pooled over H0 models)."""
+    if not calibration:
+        return "not run", "not run"
+    pooled = calibration["pooled"]
+
+    def cell(report: dict[str, Any] | None, ks: dict[str, Any] | None) -> str:
+        if not report or not ks:
+            return "—"
+        return f"KS p {ks['ks_pvalue']:.2f}, FPR {report['fpr_05']:.3f}/{report['fpr_01']:.3f}"
+
+    return (cell(pooled.get("whitebox"), pooled.get("whitebox")),
+            cell(pooled.get("blackbox"), pooled.get("blackbox_randomized")))
+
+
+def write_power_report(runs_roots: list[str | Path], calibration_root: str | Path | None, out: str | Path,
+                       arch: str = "resnet18", preamble: str = "") -> Path:
+    """``power.md``: one section per marking/detection variant (the runs' ``run/variant``), rows = % marked,
+    with both log10 p, accuracy change vs the same variant's clean baseline, PSNR, the victim's train accuracy
+    and the command that made the row; plus each variant's calibration (``calibration.json`` files)."""
+    runs = [r for root in runs_roots for r in collect_runs(root) if r.get(ARCH_KEY) == arch and "run/variant" in r]
+    if not runs:
+        raise FileNotFoundError(f"no finished {arch} runs with run/variant under {runs_roots}")
+    calibrations: dict[str, dict[str, Any]] = {}
+    if calibration_root is not None:
+        for path in sorted(Path(calibration_root).rglob("calibration.json")):
+            report = read_json(path)
+            if "variant" in report:
+                calibrations[report["variant"]] = report
+    by_variant: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for run in runs:
+        by_variant[run["run/variant"]].append(run)
+    text = io.StringIO()
+    text.write(f"# Detection power on the CPU-sized Fashion-MNIST setting ({arch} victims)\n\n")
+    if preamble:
+        text.write(preamble.strip() + "\n\n")
+    for variant, members in by_variant.items():
+        fractions, _, cells = build_rows(members)
+        wb_cal, bb_cal = _calibration_cells(calibrations.get(variant))
+        text.write(f"## `{variant}`\n\nCalibration under H0 (pooled over H0 models, fresh keys / coins): "
+                   f"white-box {wb_cal}; black-box {bb_cal}")
+        if variant in calibrations:
+            text.write(f" — `{calibrations[variant]['command']}`")
+        text.write("\n\n| % marked | white-box log10 p | black-box log10 p | acc % | Δacc (pts) | PSNR dB "
+                   "| victim epochs / train acc % | command |\n|---|---|---|---|---|---|---|---|\n")
+        commands = {float(m[FRACTION_KEY]): m.get("run/command", "") for m in members}
+        for fraction in fractions:
+            cell = cells[(fraction, arch)]
+            train = cell.get("victim/train_acc")
+            text.write(
+                f"| {fraction * 100:g} | {_fmt(cell.get('detect/whitebox_log10_p'), '{:.2f}')} "
+                f"| {_fmt(cell.get('detect/blackbox_log10_p'), '{:.2f}')} "
+                f"| {_fmt(cell.get('victim/test_acc'), '{:.2f}')} | {_fmt(cell.get('acc_change'), '{:+.2f}')} "
+                f"| {_fmt(cell.get('marking/psnr_mean'), '{:.1f}')} "
+                f"| {cell.get('victim/epochs')} / {_fmt(train * 100 if train is not None else None, '{:.1f}')} "
+                f"| `{commands.get(fraction, '')}` |\n")
+        text.write("\n")
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        tmp.write_text(text.getvalue())
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", required=True, help="folder searched recursively for metrics.json")
+    parser.add_argument("--runs", required=True, nargs="+", help="folder(s) searched recursively for metrics.json")
     parser.add_argument("--out", default="experiments/results")
     parser.add_argument("--name", required=True)
     parser.add_argument("--command", required=True, help="the command that produced the runs")
     parser.add_argument("--notes", default="", help="text (or @file) placed under the title")
+    parser.add_argument("--power", action="store_true",
+                        help="write <out>/<name>.md as a power table grouped by run/variant")
+    parser.add_argument("--calibration", default=None, help="folder searched for calibration.json (--power)")
     args = parser.parse_args(argv)
     notes = Path(args.notes[1:]).read_text() if args.notes.startswith("@") else args.notes
-    path = write_report(args.runs, args.out, args.name, args.command, notes)
+    if args.power:
+        out = write_power_report(args.runs, args.calibration, Path(args.out) / f"{args.name}.md",
+                                 preamble=notes)
+        print(out.read_text())
+        return
+    path = write_report(args.runs[0], args.out, args.name, args.command, notes)
     print(path.read_text())
 
 

@@ -143,7 +143,11 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
         pooled["blackbox"] = stats.uniformity_report(np.concatenate([e["blackbox_p"] for e in per_model.values()]))
         pooled["blackbox_randomized"] = stats.uniformity_report(
             np.concatenate([e["blackbox_p_randomized"] for e in per_model.values()]))
+    from radmark.pipeline import command_line, variant_label
+
     report = {
+        "variant": variant_label(cfg),
+        "command": command_line(),
         "n_keys": n_keys,
         "models": models,
         "n_heldout": len(loader.dataset),  # type: ignore[arg-type]
