@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
+from helpers import compose_config
 from radmark.config import resolve_seeds
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,8 +20,7 @@ EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 
 def _compose(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    return compose_config(overrides, hydra_node=True)
 
 
 def test_config_yaml_does_not_default_experiment():

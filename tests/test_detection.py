@@ -12,11 +12,11 @@ import pytest
 import scipy.stats as ss
 import torch
 import torchvision
-from hydra import compose, initialize_config_dir
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from fakedata import write_fashion_mnist_idx
+from helpers import compose_config
 from radmark.data.transforms import normalize, to_float01
 from radmark.detection import stats
 from radmark.detection.api import DetectionInputError, detect, suspect_view
@@ -149,11 +149,6 @@ def test_random_coins_give_uniform_pvalues():
 # ------------------------------------------------------------------------------------ end to end
 
 
-def _compose(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
-
-
 @pytest.fixture(scope="module")
 def marked(tmp_path_factory):
     """A real tiny marking run (fake Fashion-MNIST IDX files): key, twins, marking network."""
@@ -163,7 +158,7 @@ def marked(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("detect")
     root = write_fashion_mnist_idx(tmp / "fm", n_train=140, n_test=20)
-    cfg = _compose([
+    cfg = compose_config([
         f"data.root={root}", "data.download=false", f"paths.output_dir={tmp / 'run'}",
         f"paths.cache_dir={tmp / 'cache'}", f"paths.data_dir={tmp}", f"paths.root_dir={tmp}",
         "data.splits.public=40", "data.splits.private=40", "data.splits.heldout=60", "data.splits.test=20",

@@ -68,16 +68,6 @@ def file_hashes(folder: Path) -> dict[str, str]:
     }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP spin-waiting under contention made these tiny
-    convolutions ~30x slower with 2 threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     return write_fashion_mnist_idx(tmp_path_factory.mktemp("fmnist"), n_train=300, n_test=40, seed=0)

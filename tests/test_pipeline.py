@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from fakedata import write_fashion_mnist_idx
+from helpers import compose_config
 from radmark.pipeline import run_experiment
 from radmark.report import write_report
 
@@ -33,15 +33,10 @@ def data_root(tmp_path_factory):
     return root
 
 
-def _compose(overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
-
-
 def test_run_experiment_writes_every_stage(tmp_path, data_root, capsys):
     paths = [f"data.root={data_root}", f"paths.cache_dir={tmp_path / 'cache'}", "paths.data_dir=unused",
              "paths.root_dir=."]
-    cfg = _compose(["+experiment=smoke", *TINY, *paths, f"paths.output_dir={tmp_path / 'run1'}"])
+    cfg = compose_config(["+experiment=smoke", *TINY, *paths, f"paths.output_dir={tmp_path / 'run1'}"])
     metrics = run_experiment(cfg)
     for key in KEYS:
         assert math.isfinite(metrics[key]), key
@@ -54,7 +49,7 @@ def test_run_experiment_writes_every_stage(tmp_path, data_root, capsys):
     assert "white-box   log10 p" in out and str(tmp_path / "run1") in out
 
     # Another training seed: same key and marked data (reused from the cache), a different victim.
-    cfg2 = _compose(["+experiment=smoke", *TINY, *paths, f"paths.output_dir={tmp_path / 'run2'}",
+    cfg2 = compose_config(["+experiment=smoke", *TINY, *paths, f"paths.output_dir={tmp_path / 'run2'}",
                      "seeds.train=7"])
     metrics2 = run_experiment(cfg2)
     assert metrics2["marking/reused"] is True

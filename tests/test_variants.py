@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from hydra import compose, initialize_config_dir
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from fakedata import write_fashion_mnist_idx
+from helpers import compose_config
 from radmark.config import resolve_seeds
 from radmark.detection import stats
 from radmark.detection.api import detect, run_tests
@@ -36,19 +36,6 @@ MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 TINY = MarkingSettings(optimizer="adam", lr=0.01, steps=3, batch_size=32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _compose(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
-
-
 def _images(n: int, seed: int = 0, size: int = 32) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
@@ -68,7 +55,7 @@ def marked(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("variants")
     root = write_fashion_mnist_idx(tmp / "fm", n_train=140, n_test=20)
-    cfg = _compose([
+    cfg = compose_config([
         f"data.root={root}", "data.download=false", f"paths.output_dir={tmp / 'run'}",
         f"paths.cache_dir={tmp / 'cache'}", f"paths.data_dir={tmp}", f"paths.root_dir={tmp}",
         "data.splits.public=40", "data.splits.private=40", "data.splits.heldout=30", "data.splits.test=20",
@@ -227,12 +214,11 @@ def _views(result, ckpt, dm):
 
 
 def test_named_variant_configs_compose():
-    cfg = _compose(["marking=strong", "detection=probes"])
+    cfg = compose_config(["marking=strong", "detection=probes"])
     m, d = cfg.marking, cfg.detection
-    assert (m.name, m.optimizer, m.lr, m.steps, m.radius, m.round_every, m.carriers) == (
-        "strong", "adam", 0.01, 100, 10.0, 10, "sphere")
-    assert (d.name, d.align_probes, d.blackbox_views) == ("probes", 512, 8)
+    assert m.name == "strong" and m.radius <= 10.0  # a stronger optimisation, never a larger pixel budget
+    assert d.name == "probes" and d.align_probes > 0 and d.blackbox_views > 1
     MarkingSettings.from_cfg(m)
-    paper = _compose([])
+    paper = compose_config([])
     assert (paper.marking.name, paper.marking.selection, paper.marking.optimizer) == ("paper", "uniform", "sgd")
     assert (paper.detection.name, paper.detection.align_probes, paper.detection.blackbox_views) == ("paper", 0, 1)

@@ -34,16 +34,6 @@ VICTIM_KEYS = (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: these tiny steps gain nothing from two, and on a shared 2-core machine
-    spinning OpenMP threads make the file several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
