@@ -99,3 +99,33 @@ def test_two_point_sweep_and_table(tmp_path, data_root):
             assert math.isfinite(float(row[key])), (row, key)
     assert (tmp_path / "results" / "smoke_examples.png").is_file()
     assert "## resnet18" in md.read_text()
+
+
+def test_power_report_groups_runs_by_variant(tmp_path):
+    for name, wb in (("paper", -0.5), ("strong", -3.0)):
+        for fraction in (0.0, 0.1):
+            run = tmp_path / "runs" / f"{name}-{fraction}"
+            run.mkdir(parents=True)
+            (run / "metrics.json").write_text(json.dumps({
+                "config/victim.arch": "resnet18", "config/marking.fraction": fraction,
+                "config/marking.name": name, "run/command": f"python -m radmark.run marking={name}",
+                "detect/whitebox_log10_p": wb * fraction, "detect/blackbox_log10_p": -0.1,
+                "victim/test_acc": 0.9, "victim/train_acc": 0.95, "victim/epochs": 10, "marking/psnr_mean": 40.0,
+            }))
+    calib = tmp_path / "calib" / "strong"
+    calib.mkdir(parents=True)
+    report = {"n": 200, "ks_stat": 0.05, "ks_pvalue": 0.6, "fpr_05": 0.05, "fpr_01": 0.01}
+    (calib / "calibration.json").write_text(json.dumps({
+        "variant": "marking=strong carriers=sphere selection=uniform | detection=paper probes=0 views=1",
+        "command": "python -m radmark.detection.calibrate marking=strong",
+        "pooled": {"whitebox": report, "blackbox": report, "blackbox_randomized": report},
+    }))
+    from radmark.report import write_power_report
+
+    text = write_power_report([tmp_path / "runs"], tmp_path / "calib", tmp_path / "power.md").read_text()
+    assert text.count("## `marking=") == 2
+    strong = text[text.index("## `marking=strong"):]
+    assert "KS p 0.60, FPR 0.050/0.010" in strong and "| 10 | -0.30 |" in strong
+    assert "python -m radmark.run marking=strong" in strong
+    paper = text[text.index("## `marking=paper"):text.index("## `marking=strong")]
+    assert "not run" in paper

@@ -98,9 +98,12 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
 
 def variant_label(cfg: DictConfig) -> str:
     """The marking/detection recipe in one string: rows of the power table are grouped by it."""
-    m, d = cfg.marking, cfg.detection
-    return (f"marking={m.name} carriers={m.carriers} selection={m.selection} | detection={d.name} "
-            f"probes={d.align_probes} views={d.blackbox_views}")
+    from radmark.report import variant_of
+
+    values = {}
+    for group in ("marking", "detection"):
+        values.update(flatten(f"config/{group}", OmegaConf.to_container(cfg[group], resolve=True)))
+    return variant_of(values)
 
 
 def command_line() -> str:

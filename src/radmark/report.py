@@ -190,6 +190,24 @@ def write_report(runs_root: str | Path, out_dir: str | Path, name: str, command:
     return md
 
 
+def variant_of(metrics: dict[str, Any]) -> str:
+    """A run's marking/detection recipe, from its recorded settings (older runs lack the newer keys; their
+    defaults are the paper's)."""
+    get = metrics.get
+    return (f"marking={get('config/marking.name', 'paper')} carriers={get('config/marking.carriers', 'sphere')} "
+            f"selection={get('config/marking.selection', 'uniform')} | "
+            f"detection={get('config/detection.name', 'paper')} probes={get('config/detection.align_probes', 0)} "
+            f"views={get('config/detection.blackbox_views', 1)}")
+
+
+def command_of(metrics: dict[str, Any]) -> str:
+    """The command recorded by the run, or (older runs) the one its recorded settings imply."""
+    if metrics.get("run/command"):
+        return str(metrics["run/command"])
+    return (f"python -m radmark.run +experiment={metrics.get('run/experiment')} "
+            f"victim={metrics.get(ARCH_KEY)} marking.fraction={metrics.get(FRACTION_KEY)}")
+
+
 def _calibration_cells(calibration: dict[str, Any] | None) -> tuple[str, str]:
     """'KS p / FPR.05 / FPR.01' for both tests of one calibration report (pooled over H0 models)."""
     if not calibration:
@@ -207,12 +225,12 @@ def _calibration_cells(calibration: dict[str, Any] | None) -> tuple[str, str]:
 
 def write_power_report(runs_roots: list[str | Path], calibration_root: str | Path | None, out: str | Path,
                        arch: str = "resnet18", preamble: str = "") -> Path:
-    """``power.md``: one section per marking/detection variant (the runs' ``run/variant``), rows = % marked,
+    """``power.md``: one section per marking/detection variant (:func:`variant_of`), rows = % marked,
     with both log10 p, accuracy change vs the same variant's clean baseline, PSNR, the victim's train accuracy
     and the command that made the row; plus each variant's calibration (``calibration.json`` files)."""
-    runs = [r for root in runs_roots for r in collect_runs(root) if r.get(ARCH_KEY) == arch and "run/variant" in r]
+    runs = [r for root in runs_roots for r in collect_runs(root) if r.get(ARCH_KEY) == arch]
     if not runs:
-        raise FileNotFoundError(f"no finished {arch} runs with run/variant under {runs_roots}")
+        raise FileNotFoundError(f"no finished {arch} runs under {runs_roots}")
     calibrations: dict[str, dict[str, Any]] = {}
     if calibration_root is not None:
         for path in sorted(Path(calibration_root).rglob("calibration.json")):
@@ -221,7 +239,7 @@ def write_power_report(runs_roots: list[str | Path], calibration_root: str | Pat
                 calibrations[report["variant"]] = report
     by_variant: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for run in runs:
-        by_variant[run["run/variant"]].append(run)
+        by_variant[variant_of(run)].append(run)
     text = io.StringIO()
     text.write(f"# Detection power on the CPU-sized Fashion-MNIST setting ({arch} victims)\n\n")
     if preamble:
@@ -235,7 +253,7 @@ def write_power_report(runs_roots: list[str | Path], calibration_root: str | Pat
             text.write(f" — `{calibrations[variant]['command']}`")
         text.write("\n\n| % marked | white-box log10 p | black-box log10 p | acc % | Δacc (pts) | PSNR dB "
                    "| victim epochs / train acc % | command |\n|---|---|---|---|---|---|---|---|\n")
-        commands = {float(m[FRACTION_KEY]): m.get("run/command", "") for m in members}
+        commands = {float(m[FRACTION_KEY]): command_of(m) for m in members}
         for fraction in fractions:
             cell = cells[(fraction, arch)]
             train = cell.get("victim/train_acc")
