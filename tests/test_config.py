@@ -33,7 +33,7 @@ def test_every_experiment_composes(name):
     cfg = _compose([f"+experiment={name}"])
     assert cfg.experiment == name
     assert 0.0 <= cfg.marking.fraction <= 1.0
-    assert cfg.victim.arch in ("resnet18", "vgg16", "densenet121")
+    assert cfg.victim.arch in ("resnet18", "vgg16", "vgg16_bn", "densenet121")
     for path in (CONF / "experiment" / f"{name}.yaml").read_text().splitlines()[:1]:
         assert path.strip() == "# @package _global_"
 

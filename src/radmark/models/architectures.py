@@ -12,10 +12,12 @@ import re
 import torchvision
 from torch import Tensor, nn
 
-ARCHS: tuple[str, ...] = ("resnet18", "vgg16", "densenet121")
+ARCHS: tuple[str, ...] = ("resnet18", "vgg16", "vgg16_bn", "densenet121")
 
 # Dotted name of the final nn.Linear; the small VGG head keeps index 6 so one name serves both variants.
-_CLASSIFIER_NAMES = {"resnet18": "fc", "vgg16": "classifier.6", "densenet121": "classifier"}
+_CLASSIFIER_NAMES = {
+    "resnet18": "fc", "vgg16": "classifier.6", "vgg16_bn": "classifier.6", "densenet121": "classifier",
+}
 _CONFIG_KEYS = "victim.arch / marking.network.arch"
 
 # torchvision's DenseNet checkpoints predate the ban on '.' in module names ('norm.1' -> 'norm1').
@@ -77,8 +79,10 @@ def build_model(
         if small_input:
             model.conv1 = _small_conv_stem()
             model.maxpool = nn.Identity()
-    elif arch == "vgg16":
-        model = torchvision.models.vgg16(num_classes=num_classes)
+    elif arch in ("vgg16", "vgg16_bn"):
+        # vgg16_bn: the same network with BatchNorm after every conv; the plain VGG-16 does not train from
+        # scratch on small data in a few epochs (it stays at chance), the BN variant does.
+        model = getattr(torchvision.models, arch)(num_classes=num_classes)
         if small_input:
             # The 25088x4096 head is pointless for a 1x1 map at 32 px: pool to 512 and use a 512-wide head.
             model.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -186,11 +190,12 @@ def infer_small_input(arch: str, state_dict: dict[str, Tensor]) -> bool:
         "resnet18": "conv1.weight",
         "densenet121": "features.conv0.weight",
         "vgg16": "classifier.0.weight",
+        "vgg16_bn": "classifier.0.weight",
     }[arch]
     if key not in state_dict:
         raise KeyError(f"state_dict has no {key!r}: it does not look like a {arch}")
     shape = tuple(state_dict[key].shape)
-    if arch == "vgg16":
+    if arch.startswith("vgg16"):
         return shape[1] == 512  # small head: Linear(512, 512); standard: Linear(25088, 4096)
     return shape[-1] == 3  # 3x3 stem vs torchvision's 7x7
 
