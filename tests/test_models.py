@@ -28,9 +28,11 @@ from radmark.models import (
 FEATURE_DIMS = {
     ("resnet18", False): 512,
     ("vgg16", False): 4096,
+    ("vgg16_bn", False): 4096,
     ("densenet121", False): 1024,
     ("resnet18", True): 512,
     ("vgg16", True): 512,
+    ("vgg16_bn", True): 512,
     ("densenet121", True): 1024,
 }
 
@@ -87,7 +89,7 @@ def test_small_variants_change_the_stem():
 
 
 def test_unknown_arch():
-    with pytest.raises(ValueError, match="victim.arch.*resnet18, vgg16, densenet121"):
+    with pytest.raises(ValueError, match="victim.arch.*resnet18, vgg16, vgg16_bn, densenet121"):
         build_model("alexnet", 10)
 
 
