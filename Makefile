@@ -52,12 +52,13 @@ reproduce-table: install  ## the paper-style table (TABLE=fashion_mnist on CPU; 
 	  --command "make reproduce-table TABLE=$(TABLE) $(TABLE_ARGS)" \
 	  --notes "Wall time of the sweep: $$(( $$(date +%s) - start )) s on $$(nproc) CPU cores / $$(python3 -c 'import platform; print(platform.processor() or platform.machine())')."
 
-# Small data so that it runs in a few minutes on 2 cores; override CALIBRATE_ARGS for a bigger check.
+# Small data so that it runs in a few minutes on 2 cores; override CALIBRATE_ARGS for a bigger check and
+# CALIBRATE_EXTRA to calibrate a variant (e.g. CALIBRATE_EXTRA="marking=strong detection=probes").
 CALIBRATE_ARGS ?= data.splits.public=600 data.splits.private=400 data.splits.heldout=300 data.splits.test=200 \
 	marking.fraction=0.25 marking.steps=10 marking.network.epochs=2 victim.epochs=2 victim.batch_size=64 \
 	detection.n_heldout=300 detection.calibration_keys=200 logger=none trainer.enable_progress_bar=false
 calibrate: $(VENV)/.installed  ## p-value calibration under H0: KS vs U(0,1), FPR at 0.05/0.01, histogram PNG
-	$(PY) -m radmark.detection.calibrate $(CALIBRATE_ARGS) hydra.run.dir=outputs/calibrate/$$(date +%Y-%m-%d_%H-%M-%S)
+	$(PY) -m radmark.detection.calibrate $(CALIBRATE_ARGS) $(CALIBRATE_EXTRA) hydra.run.dir=outputs/calibrate/$$(date +%Y-%m-%d_%H-%M-%S)
 
 bench-marking: $(VENV)/.installed  ## marking throughput vs bare forward+backward of the marking net (bench/results/)
 	$(PY) bench/bench_marking.py $(BENCH_ARGS)
