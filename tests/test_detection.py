@@ -15,8 +15,7 @@ import torchvision
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from fakedata import write_fashion_mnist_idx
-from helpers import compose_config
+from helpers import tiny_run_config
 from radmark.data.transforms import normalize, to_float01
 from radmark.detection import stats
 from radmark.detection.api import DetectionInputError, detect, suspect_view
@@ -157,14 +156,9 @@ def marked(tmp_path_factory):
     from radmark.pipeline import make_datamodule
 
     tmp = tmp_path_factory.mktemp("detect")
-    root = write_fashion_mnist_idx(tmp / "fm", n_train=140, n_test=20)
-    cfg = compose_config([
-        f"data.root={root}", "data.download=false", f"paths.output_dir={tmp / 'run'}",
-        f"paths.cache_dir={tmp / 'cache'}", f"paths.data_dir={tmp}", f"paths.root_dir={tmp}",
-        "data.splits.public=40", "data.splits.private=40", "data.splits.heldout=60", "data.splits.test=20",
-        "marking.fraction=0.5", "marking.steps=2", "marking.network.epochs=1", "marking.batch_size=32",
-        "detection.n_heldout=60", "detection.calibration_keys=20", "logger=none",
-        "trainer.enable_progress_bar=false", "victim.epochs=1",
+    cfg = tiny_run_config(tmp, [
+        "data.splits.heldout=60", "marking.fraction=0.5", "detection.n_heldout=60",
+        "detection.calibration_keys=20", "victim.epochs=1",
     ])
     dm = make_datamodule(cfg, resolve_seeds(cfg.seeds))
     result = mark(cfg, dm, tmp / "run")

@@ -12,8 +12,7 @@ import torchvision
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from fakedata import write_fashion_mnist_idx
-from helpers import compose_config
+from helpers import compose_config, tiny_run_config
 from radmark.config import resolve_seeds
 from radmark.detection import stats
 from radmark.detection.api import detect, run_tests
@@ -54,13 +53,8 @@ def marked(tmp_path_factory):
     from radmark.pipeline import make_datamodule
 
     tmp = tmp_path_factory.mktemp("variants")
-    root = write_fashion_mnist_idx(tmp / "fm", n_train=140, n_test=20)
-    cfg = compose_config([
-        f"data.root={root}", "data.download=false", f"paths.output_dir={tmp / 'run'}",
-        f"paths.cache_dir={tmp / 'cache'}", f"paths.data_dir={tmp}", f"paths.root_dir={tmp}",
-        "data.splits.public=40", "data.splits.private=40", "data.splits.heldout=30", "data.splits.test=20",
-        "marking.fraction=0.25", "marking.selection=hard", "marking.steps=2", "marking.network.epochs=1",
-        "marking.batch_size=32", "detection.n_heldout=30", "logger=none", "trainer.enable_progress_bar=false",
+    cfg = tiny_run_config(tmp, [
+        "data.splits.heldout=30", "marking.fraction=0.25", "marking.selection=hard", "detection.n_heldout=30",
     ])
     dm = make_datamodule(cfg, resolve_seeds(cfg.seeds))
     return cfg, dm, mark(cfg, dm, tmp / "run")
