@@ -31,7 +31,7 @@ test-full: $(VENV)/.installed  ## everything, slow end-to-end tests included
 	$(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed  ## ruff + mypy
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check src tests bench experiments
 	$(VENV)/bin/mypy
 
 clean:  ## remove caches and run outputs (keeps .venv and data/)
