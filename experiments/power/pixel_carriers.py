@@ -209,7 +209,8 @@ def table() -> None:
         "Made by `python experiments/power/pixel_carriers.py --table` from `experiments/power/pixel_runs/*/result.json`;",
         "what each test is: the docstring of `experiments/power/pixel_carriers.py`. Setting: `+experiment=power`",
         "(Fashion-MNIST 32 px, 1,500 private images, ResNet-18 victim with the ImageNet stem, crop + flip),",
-        "M = 63 fresh patterns per class for the rank tests (smallest possible log10 p: about −14).",
+        "M = 63 fresh patterns per class for the rank tests (smallest possible log10 p: about −14). \"Best OOD\" is",
+        "the smallest of the six out-of-distribution query settings, not corrected for that choice.",
         "",
         "| tag | pattern | marked | R | hardening | epochs / batch | train / test acc % | PSNR dB | L∞ | white-box log10 p "
         "| black-box log10 p (in dist.) | best OOD log10 p | command |",

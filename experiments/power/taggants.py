@@ -151,7 +151,7 @@ def table() -> None:
         "the method and its exact binomial null: the docstring of `experiments/power/taggants.py`. Setting:",
         "`+experiment=power` (Fashion-MNIST 32 px, 1,500 private images, ResNet-18 victim, crop + flip).",
         "",
-        "| tag | marked | keys | R | crafting steps | alignment loss | victim epochs | train / test acc % | PSNR dB "
+        "| tag | marked | keys | R | crafting steps | last-step alignment loss (1 − cos) | victim epochs | train / test acc % | PSNR dB "
         "| top-1 hits (log10 p) | top-3 hits (log10 p) | command |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
