@@ -26,16 +26,13 @@ Run from the repository root (results go to experiments/power/pixel_runs/<tag>/r
 
 from __future__ import annotations
 
-import json
 import math
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from common import ROOT, ReleasedSplit, command, main, pixel_budget, power_config, save_result, write_table
 
-ROOT = Path(__file__).resolve().parents[2]
 RUNS = ROOT / "experiments" / "power" / "pixel_runs"
 S, C = 32, 10
 
@@ -75,8 +72,6 @@ def draw(kind: str, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | No
 
 
 def run(args: dict[str, str]) -> dict:
-    from hydra import compose, initialize_config_dir
-
     from radmark.config import resolve_seeds
     from radmark.data.transforms import normalize
     from radmark.detection.stats import cosine_null_logsf, fisher_log_p, to_log10
@@ -88,10 +83,7 @@ def run(args: dict[str, str]) -> dict:
     bs = int(args.get("bs", 128))
     out = RUNS / args["tag"]
     out.mkdir(parents=True, exist_ok=True)
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[
-            "+experiment=power", f"victim.epochs={epochs}", f"victim.batch_size={bs}", f"marking.fraction={q}",
-            "logger=none", "trainer.enable_progress_bar=false", f"paths.root_dir={ROOT}", f"paths.output_dir={out}"])
+    cfg = power_config(out, [f"victim.epochs={epochs}", f"victim.batch_size={bs}", f"marking.fraction={q}"])
     seeds = resolve_seeds(cfg.seeds)
     dm = make_datamodule(cfg, seeds)
     mean, std = list(dm.mean), list(dm.std)
@@ -129,25 +121,11 @@ def run(args: dict[str, str]) -> dict:
         Xm[marked] = (xs + delta).clamp(0, 255)
     for i in marked.tolist():
         Xm[i] = (Xm[i] + R * P[Y[i]]).round().clamp(0, 255)
-    diff = Xm[marked] - X[marked]
-    psnr = float((10 * torch.log10(255**2 / (diff**2).mean(dim=(1, 2, 3)).clamp_min(1e-12))).mean())
-    linf = float(diff.abs().max())
-    Xm8 = Xm.to(torch.uint8)
-
-    class Released(torch.utils.data.Dataset):
-        labels = Y.numpy()
-
-        def __len__(self) -> int:
-            return n
-
-        def __getitem__(self, i: int):
-            return Xm8[i], int(Y[i]), i
-
+    psnr, linf = pixel_budget(X[marked], Xm[marked])
     start = time.perf_counter()
-    victim = train_victim(cfg, dm, Released(), out)
+    victim = train_victim(cfg, dm, ReleasedSplit(Xm, Y), out)
     model = victim.model.eval()
-    result = {"tag": args["tag"], "args": args, "command": "python experiments/power/pixel_carriers.py "
-              + " ".join(f"{k}={v}" for k, v in args.items()),
+    result = {"tag": args["tag"], "args": args, "command": command("pixel_carriers.py", args),
               "psnr_mean": psnr, "linf_max": linf, "n_marked": m, "victim_seconds": time.perf_counter() - start,
               "test_acc": victim.metrics["victim/test_acc"], "train_acc": victim.metrics["victim/train_acc"]}
 
@@ -194,16 +172,12 @@ def run(args: dict[str, str]) -> dict:
                     return float(torch.softmax(model(prep(x)), 1)[0, k])
 
                 result["ood"][f"amp{amp}_bg{int(bg)}"] = rank_test(ood)[0]
-    tmp = out / "result.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out / "result.json")
-    print(json.dumps({k: v for k, v in result.items() if k not in ("args",)}, indent=1))
+    save_result(out, result)
     return result
 
 
 def table() -> None:
-    rows = [json.loads(p.read_text()) for p in sorted(RUNS.glob("*/result.json"))]
-    lines = [
+    header = [
         "# Pixel-space class carriers (prototype, issue 7)",
         "",
         "Made by `python experiments/power/pixel_carriers.py --table` from `experiments/power/pixel_runs/*/result.json`;",
@@ -216,25 +190,19 @@ def table() -> None:
         "| black-box log10 p (in dist.) | best OOD log10 p | command |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
+
+    def row(r: dict) -> str:
         a = r["args"]
         wb = r.get("whitebox_log10_p")
-        lines.append(
+        return (
             f"| {r['tag']} | {a.get('kind', 'lf')} | {float(a.get('q', 0.1)):.0%} {a.get('sel', 'uniform')} "
             f"| {a.get('R', '10')} | {'PGD ' + a['adv'] if 'adv' in a else '—'} "
             f"| {a.get('epochs', '30')} / {a.get('bs', '128')} | {100 * r['train_acc']:.1f} / {100 * r['test_acc']:.1f} "
             f"| {r['psnr_mean']:.1f} | {r['linf_max']:.0f} | {'—' if wb is None else f'{wb:.2f}'} "
             f"| {r['blackbox_log10_p']:.2f} | {min(r['ood'].values()):.2f} | `{r['command']}` |")
-    out = ROOT / "experiments" / "results" / "pixel_carriers.md"
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(out)
-    print(out)
+
+    write_table(RUNS, "pixel_carriers", header, row)
 
 
 if __name__ == "__main__":
-    if "--table" in sys.argv:
-        table()
-    else:
-        torch.set_num_threads(2)
-        run(dict(a.split("=", 1) for a in sys.argv[1:]))
+    main(run, table)

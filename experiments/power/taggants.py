@@ -18,17 +18,14 @@ Run from the repository root (results go to experiments/power/taggants_runs/<tag
 
 from __future__ import annotations
 
-import json
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from common import ROOT, ReleasedSplit, command, main, pixel_budget, power_config, save_result, write_table
 from scipy import stats
 
-ROOT = Path(__file__).resolve().parents[2]
 RUNS = ROOT / "experiments" / "power" / "taggants_runs"
 
 
@@ -39,8 +36,6 @@ def flat_grad(loss: torch.Tensor, params: list[torch.Tensor], create_graph: bool
 
 def run(args: dict[str, str]) -> dict:
     import copy
-
-    from hydra import compose, initialize_config_dir
 
     from radmark.config import resolve_seeds
     from radmark.data.transforms import normalize
@@ -53,10 +48,7 @@ def run(args: dict[str, str]) -> dict:
     n_keys, epochs, C = int(args.get("keys", 10)), int(args.get("epochs", 10)), 10
     out = RUNS / args["tag"]
     out.mkdir(parents=True, exist_ok=True)
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[
-            "+experiment=power", f"victim.epochs={epochs}", f"marking.fraction={q}", "logger=none",
-            "trainer.enable_progress_bar=false", f"paths.root_dir={ROOT}", f"paths.output_dir={out}"])
+    cfg = power_config(out, [f"victim.epochs={epochs}", f"marking.fraction={q}"])
     seeds = resolve_seeds(cfg.seeds)
     dm = make_datamodule(cfg, seeds)
     mean, std = list(dm.mean), list(dm.std)
@@ -73,7 +65,7 @@ def run(args: dict[str, str]) -> dict:
     private = dm.dataset("private")
     X = torch.stack([private[i][0] for i in range(len(private))]).float()
     Y = torch.as_tensor(private.labels)
-    n, m = len(X), int(round(q * len(X)))
+    m = int(round(q * len(X)))
     eligible = torch.nonzero(torch.isin(Y, key_labels)).flatten()
     marked = eligible[torch.randperm(len(eligible), generator=g)[:m]]
 
@@ -106,27 +98,14 @@ def run(args: dict[str, str]) -> dict:
     craft_seconds = time.perf_counter() - start
     Xm = X.clone()
     Xm[marked] = (xs + delta.detach()).round().clamp(0, 255)
-    diff = Xm[marked] - X[marked]
-    psnr = float((10 * torch.log10(255**2 / (diff**2).mean(dim=(1, 2, 3)).clamp_min(1e-12))).mean())
-    Xm8 = Xm.to(torch.uint8)
-
-    class Released(torch.utils.data.Dataset):
-        labels = Y.numpy()
-
-        def __len__(self) -> int:
-            return n
-
-        def __getitem__(self, i: int):
-            return Xm8[i], int(Y[i]), i
-
-    victim = train_victim(cfg, dm, Released(), out)
+    psnr, linf = pixel_budget(X[marked], Xm[marked])
+    victim = train_victim(cfg, dm, ReleasedSplit(Xm, Y), out)
     model = victim.model.eval()
     with torch.no_grad():
         logits = model(prep(keys))
         surrogate_logits = surrogate(prep(keys))
-    result = {"tag": args["tag"], "args": args, "command": "python experiments/power/taggants.py "
-              + " ".join(f"{k}={v}" for k, v in args.items()),
-              "n_marked": m, "psnr_mean": psnr, "linf_max": float(diff.abs().max()),
+    result = {"tag": args["tag"], "args": args, "command": command("taggants.py", args),
+              "n_marked": m, "psnr_mean": psnr, "linf_max": linf,
               "craft_seconds": craft_seconds, "final_alignment_loss": loss.item(),
               "test_acc": victim.metrics["victim/test_acc"], "train_acc": victim.metrics["victim/train_acc"]}
     for k in (1, 3):
@@ -135,16 +114,12 @@ def run(args: dict[str, str]) -> dict:
         result[f"top{k}_log10_p"] = float(stats.binom.logsf(hits - 1, n_keys, k / C) / np.log(10))
         result[f"surrogate_top{k}_hits"] = int(
             (surrogate_logits.topk(k, 1).indices == key_labels[:, None]).any(1).sum())
-    tmp = out / "result.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out / "result.json")
-    print(json.dumps(result, indent=1))
+    save_result(out, result)
     return result
 
 
 def table() -> None:
-    rows = [json.loads(p.read_text()) for p in sorted(RUNS.glob("*/result.json"))]
-    lines = [
+    header = [
         "# Data-Taggants-style key-based baseline (prototype, issue 7)",
         "",
         "Made by `python experiments/power/taggants.py --table` from `experiments/power/taggants_runs/*/result.json`;",
@@ -155,24 +130,18 @@ def table() -> None:
         "| top-1 hits (log10 p) | top-3 hits (log10 p) | command |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
+
+    def row(r: dict) -> str:
         a = r["args"]
-        lines.append(
+        return (
             f"| {r['tag']} | {r['n_marked']} ({float(a.get('q', 0.1)):.0%}) | {a.get('keys', '10')} | {a.get('R', '10')} "
             f"| {a.get('steps', '60')} | {r['final_alignment_loss']:.2f} | {a.get('epochs', '10')} "
             f"| {100 * r['train_acc']:.1f} / {100 * r['test_acc']:.1f} | {r['psnr_mean']:.1f} "
             f"| {r['top1_hits']} ({r['top1_log10_p']:.2f}) | {r['top3_hits']} ({r['top3_log10_p']:.2f}) "
             f"| `{r['command']}` |")
-    out = ROOT / "experiments" / "results" / "taggants.md"
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(out)
-    print(out)
+
+    write_table(RUNS, "taggants", header, row)
 
 
 if __name__ == "__main__":
-    if "--table" in sys.argv:
-        table()
-    else:
-        torch.set_num_threads(2)
-        run(dict(a.split("=", 1) for a in sys.argv[1:]))
+    main(run, table)
