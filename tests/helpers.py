@@ -28,3 +28,23 @@ def tiny_run_config(tmp: Path, overrides: list[str]):
         "marking.network.epochs=1", "marking.batch_size=32", "logger=none", "trainer.enable_progress_bar=false",
         *overrides,
     ])
+
+
+def random_images(n: int, seed: int = 0, size: int = 32, cycle_labels: bool = False):
+    """``n`` random uint8 images (3, size, size) as a TensorDataset; labels all 0, or 0..9 cycling."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
+    labels = torch.arange(n) % 10 if cycle_labels else torch.zeros(n, dtype=torch.long)
+    return TensorDataset(x, labels)
+
+
+def random_resnet(seed: int, num_classes: int = 10):
+    """An untrained torchvision ResNet-18 in eval mode, initialised from ``seed``."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(seed)
+    return torchvision.models.resnet18(num_classes=num_classes).eval()

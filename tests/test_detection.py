@@ -13,9 +13,8 @@ import scipy.stats as ss
 import torch
 import torchvision
 from torch import nn
-from torch.utils.data import TensorDataset
 
-from helpers import tiny_run_config
+from helpers import random_images, random_resnet, tiny_run_config
 from radmark.data.transforms import normalize, to_float01
 from radmark.detection import stats
 from radmark.detection.api import DetectionInputError, detect, suspect_view
@@ -39,29 +38,18 @@ ROOT = Path(__file__).resolve().parents[1]
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 
 
-def _images(n: int, seed: int = 0, size: int = 32) -> TensorDataset:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
-    return TensorDataset(x, torch.zeros(n, dtype=torch.long))
-
-
-def _resnet(seed: int, num_classes: int = 10) -> nn.Module:
-    torch.manual_seed(seed)
-    return torchvision.models.resnet18(num_classes=num_classes).eval()
-
-
 # ------------------------------------------------------------------------------------ white-box
 
 
 def test_planted_carrier_through_resnet18_is_detected():
     """A suspect whose classifier rows are a * carriers + noise (same body as the marking net)."""
-    marking = _resnet(0)
+    marking = random_resnet(0)
     carriers = stats.random_carriers(10, 512, torch.Generator().manual_seed(1))
-    suspect = _resnet(0)
+    suspect = random_resnet(0)
     with torch.no_grad():
         suspect.fc.weight.copy_(0.1 * carriers + 0.01 * torch.randn(10, 512))
     res = whitebox_detect(NetView(marking, "fc", MEAN, STD), NetView(suspect, "fc", MEAN, STD), carriers,
-                          _images(48), n_heldout=48)
+                          random_images(48), n_heldout=48)
     assert res["log10_p"] < -10
     assert res["cos_mean"] > 0.05
     assert len(res["cosines"]) == len(res["per_class_log10_p"]) == 10
@@ -69,9 +57,9 @@ def test_planted_carrier_through_resnet18_is_detected():
 
 def test_random_network_gives_uniform_pvalues_across_keys():
     """An unrelated suspect (own random body, 1000 held-out directions fit) against 40 fresh keys."""
-    marking, suspect = NetView(_resnet(0), "fc", MEAN, STD), NetView(_resnet(1), "fc", MEAN, STD)
+    marking, suspect = NetView(random_resnet(0), "fc", MEAN, STD), NetView(random_resnet(1), "fc", MEAN, STD)
     det = WhiteboxDetector(marking, suspect, stats.random_carriers(10, 512, torch.Generator()))
-    fm, fs = extract_features(det, heldout_loader(_images(40), 40))
+    fm, fs = extract_features(det, heldout_loader(random_images(40), 40))
     aligned = det.aligned_rows(fm, fs)
     g = torch.Generator().manual_seed(7)
     p = np.array([10 ** det.test(fm, fs, stats.random_carriers(10, 512, g), aligned=aligned)["log10_p"]
@@ -85,12 +73,12 @@ def test_random_network_gives_uniform_pvalues_across_keys():
 
 
 def test_pca_basis_compares_inside_the_subspace():
-    marking, suspect = NetView(_resnet(0), "fc", MEAN, STD), NetView(_resnet(0), "fc", MEAN, STD)
+    marking, suspect = NetView(random_resnet(0), "fc", MEAN, STD), NetView(random_resnet(0), "fc", MEAN, STD)
     basis = torch.linalg.qr(torch.randn(512, 16, dtype=torch.float64))[0].T.float()  # (16, 512) orthonormal
     u = (stats.random_carriers(10, 16, torch.Generator().manual_seed(3)).double() @ basis.double()).float()
     with torch.no_grad():
         suspect.model.fc.weight.copy_(u + 0.02 * torch.randn(10, 512))
-    res = whitebox_detect(marking, suspect, u, _images(24), 24, basis=basis)
+    res = whitebox_detect(marking, suspect, u, random_images(24), 24, basis=basis)
     assert res["d"] == 16 and res["d_suspect"] == 512
     assert res["log10_p"] < -5
 
@@ -102,8 +90,8 @@ def test_other_architectures_and_feature_sizes(arch, dim):
     torch.manual_seed(0)
     model = build_model(arch, 10, small_input=True).eval()
     view = suspect_view(model, {"arch": arch}, None, MEAN, STD)
-    res = whitebox_detect(NetView(_resnet(0), "fc", MEAN, STD), view,
-                          stats.random_carriers(10, 512, torch.Generator()), _images(8), 8)
+    res = whitebox_detect(NetView(random_resnet(0), "fc", MEAN, STD), view,
+                          stats.random_carriers(10, 512, torch.Generator()), random_images(8), 8)
     assert res["d_suspect"] == dim and np.isfinite(res["log10_p"])
 
 
@@ -112,8 +100,8 @@ def test_named_classifier_module_for_a_custom_model():
     model.add_module("body", nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 20), nn.ReLU()))
     model.add_module("head", nn.Linear(20, 10))
     view = suspect_view(model, None, "head", MEAN, STD)
-    res = whitebox_detect(NetView(_resnet(0), "fc", MEAN, STD), view,
-                          stats.random_carriers(10, 512, torch.Generator()), _images(30, size=8), 30)
+    res = whitebox_detect(NetView(random_resnet(0), "fc", MEAN, STD), view,
+                          stats.random_carriers(10, 512, torch.Generator()), random_images(30, size=8), 30)
     assert res["d_suspect"] == 20
     with pytest.raises(DetectionInputError, match="classifier"):
         suspect_view(model, None, None, MEAN, STD)
@@ -197,7 +185,7 @@ def test_detect_stage_writes_metrics_and_per_class(marked, tmp_path):
     from radmark.models import save_checkpoint
 
     cfg, dm, result, _ = marked
-    ckpt = save_checkpoint(_resnet(3), tmp_path / "suspect.pt",
+    ckpt = save_checkpoint(random_resnet(3), tmp_path / "suspect.pt",
                            {"arch": "resnet18", "image_size": 32, "mean": list(dm.mean), "std": list(dm.std)})
     metrics = detect(cfg, dm, result, ckpt, tmp_path / "run")
     for k in ("whitebox_log10_p", "whitebox_cos_mean", "blackbox_log10_p", "blackbox_wins", "blackbox_n",
@@ -214,7 +202,7 @@ def test_cli_on_a_plain_torchvision_state_dict(marked, tmp_path):
     """The documented command, as a subprocess, on a state_dict radmark did not write (plain torch.save)."""
     _, _, result, _ = marked
     ckpt = tmp_path / "tv_resnet18.pth"
-    torch.save(_resnet(5).state_dict(), ckpt)
+    torch.save(random_resnet(5).state_dict(), ckpt)
     out = tmp_path / "result.json"
     proc = subprocess.run(
         [sys.executable, "-m", "radmark.detection.cli", "--key", str(result.key_path), "--suspect", str(ckpt),
@@ -242,7 +230,7 @@ def test_cli_class_count_mismatch_exits_2(marked, tmp_path, capsys):
 def test_cli_rejects_a_non_key_file(marked, tmp_path, capsys):
     _, _, result, _ = marked
     ckpt = tmp_path / "tv.pth"
-    torch.save(_resnet(5).state_dict(), ckpt)
+    torch.save(random_resnet(5).state_dict(), ckpt)
     fake_key = tmp_path / "notes.txt"
     fake_key.write_text("not a key\n")
     out = tmp_path / "r.json"

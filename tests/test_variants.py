@@ -8,11 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torchvision
-from torch import nn
-from torch.utils.data import TensorDataset
 
-from helpers import compose_config, tiny_run_config
+from helpers import compose_config, random_images, random_resnet, tiny_run_config
 from radmark.config import resolve_seeds
 from radmark.detection import stats
 from radmark.detection.api import detect, run_tests
@@ -33,17 +30,6 @@ from radmark.marking.selection import n_of, select_marked
 ROOT = Path(__file__).resolve().parents[1]
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 TINY = MarkingSettings(optimizer="adam", lr=0.01, steps=3, batch_size=32)
-
-
-def _images(n: int, seed: int = 0, size: int = 32) -> TensorDataset:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
-    return TensorDataset(x, torch.arange(n) % 10)
-
-
-def _resnet(seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return torchvision.models.resnet18(num_classes=10).eval()
 
 
 @pytest.fixture(scope="module")
@@ -108,27 +94,29 @@ def test_hard_selection_marks_low_confidence_nested(marked):
 
 
 def test_probes_do_not_depend_on_the_key():
-    marking = NetView(_resnet(0), "fc", MEAN, STD)
+    marking = NetView(random_resnet(0), "fc", MEAN, STD)
+    heldout = random_images(6, cycle_labels=True)
+    originals = heldout.tensors[0][[0, 1, 2, 3, 4, 5, 0, 1]]  # 8 probes cycle through the 6 held-out images
     meta = {"marking": {"optimizer": "adam", "lr": 0.01, "steps": 3, "batch_size": 32}}
     keys = [make_key(s, 10, 512, torch.arange(4), torch.arange(4), 20, True, meta) for s in (1, 2)]
     assert not torch.equal(keys[0].carriers, keys[1].carriers)
-    probes = [make_probes(marking, _images(6), 8, 11, probe_settings(k), k.basis) for k in keys]
+    probes = [make_probes(marking, heldout, 8, 11, probe_settings(k), k.basis) for k in keys]
     assert probe_settings(keys[0]).steps == 3
     assert torch.equal(probes[0].tensors[0], probes[1].tensors[0])
-    assert not torch.equal(probes[0].tensors[0], _images(6).tensors[0][[0, 1, 2, 3, 4, 5, 0, 1]])  # marked
-    diff = probes[0].tensors[0].int() - _images(6).tensors[0][[0, 1, 2, 3, 4, 5, 0, 1]].int()
+    assert not torch.equal(probes[0].tensors[0], originals)  # marked
+    diff = probes[0].tensors[0].int() - originals.int()
     assert diff.abs().max() <= 10
-    det = WhiteboxDetector(marking, NetView(_resnet(1), "fc", MEAN, STD), keys[0].carriers)
+    det = WhiteboxDetector(marking, NetView(random_resnet(1), "fc", MEAN, STD), keys[0].carriers)
     feats = [extract_features(det, torch.utils.data.DataLoader(p, batch_size=8)) for p in probes]
     assert torch.equal(feats[0][0], feats[1][0]) and torch.equal(feats[0][1], feats[1][1])
-    other_seed = make_probes(marking, _images(6), 8, 12, probe_settings(keys[0]))
+    other_seed = make_probes(marking, heldout, 8, 12, probe_settings(keys[0]))
     assert not torch.equal(other_seed.tensors[0], probes[0].tensors[0])
 
 
 def test_probes_keep_the_null_uniform():
     """Random marking net and unrelated random suspect, probes in the alignment, 30 fresh keys."""
-    marking, suspect = NetView(_resnet(0), "fc", MEAN, STD), NetView(_resnet(1), "fc", MEAN, STD)
-    heldout = _images(24, seed=3)
+    marking, suspect = NetView(random_resnet(0), "fc", MEAN, STD), NetView(random_resnet(1), "fc", MEAN, STD)
+    heldout = random_images(24, seed=3, cycle_labels=True)
     probes = make_probes(marking, heldout, 24, seed=7, settings=TINY)
     det = WhiteboxDetector(marking, suspect, stats.random_carriers(10, 512, torch.Generator()))
     fm, fs = with_probes(det, *extract_features(det, heldout_loader(heldout, 24)), probes)
@@ -154,7 +142,7 @@ def test_apply_view_centre_offsets_are_the_identity_and_flip_flips():
 def test_blackbox_views_one_is_the_centre_view_and_views_are_shared(marked):
     _, _, result = marked
     pairs = TwinPairs(result.marked_dir)
-    view = NetView(_resnet(2), "fc", MEAN, STD)
+    view = NetView(random_resnet(2), "fc", MEAN, STD)
     rel, twin = twin_losses(view, pairs)
     rel1, twin1 = twin_losses(view, pairs, views=1, seed=123)
     np.testing.assert_array_equal(rel, rel1)
@@ -179,7 +167,7 @@ def test_detect_and_cli_with_probes_and_views(marked, tmp_path):
 
     cfg, dm, result = marked
     cfg = OmegaConf.merge(cfg, {"detection": {"align_probes": 6, "blackbox_views": 2}})
-    ckpt = save_checkpoint(_resnet(3), tmp_path / "suspect.pt",
+    ckpt = save_checkpoint(random_resnet(3), tmp_path / "suspect.pt",
                            {"arch": "resnet18", "image_size": 32, "mean": list(dm.mean), "std": list(dm.std)})
     metrics = detect(cfg, dm, result, ckpt, tmp_path / "run")
     assert metrics["detect/whitebox_n_probes"] == 6 and metrics["detect/whitebox_n_heldout"] == 30
