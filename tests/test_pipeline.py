@@ -102,15 +102,16 @@ def test_two_point_sweep_and_table(tmp_path, data_root):
 
 
 def test_power_report_groups_runs_by_variant(tmp_path):
-    for name, wb in (("paper", -0.5), ("strong", -3.0)):
+    for name, wb, epochs in (("paper", -0.5, 10), ("strong", -3.0, 10), ("strong", -60.0, 100)):
         for fraction in (0.0, 0.1):
-            run = tmp_path / "runs" / f"{name}-{fraction}"
+            run = tmp_path / "runs" / f"{name}-{epochs}-{fraction}"
             run.mkdir(parents=True)
             (run / "metrics.json").write_text(json.dumps({
                 "config/victim.arch": "resnet18", "config/marking.fraction": fraction,
                 "config/marking.name": name, "run/command": f"python -m radmark.run marking={name}",
                 "detect/whitebox_log10_p": wb * fraction, "detect/blackbox_log10_p": -0.1,
-                "victim/test_acc": 0.9, "victim/train_acc": 0.95, "victim/epochs": 10, "marking/psnr_mean": 40.0,
+                "victim/test_acc": 0.9, "victim/train_acc": 0.95, "victim/epochs": epochs,
+                "config/victim.epochs": epochs, "marking/psnr_mean": 40.0,
             }))
     calib = tmp_path / "calib" / "strong"
     calib.mkdir(parents=True)
@@ -123,9 +124,12 @@ def test_power_report_groups_runs_by_variant(tmp_path):
     from radmark.report import write_power_report
 
     text = write_power_report([tmp_path / "runs"], tmp_path / "calib", tmp_path / "power.md").read_text()
-    assert text.count("## `marking=") == 2
+    # One section per (variant, victim recipe): a longer-trained victim is not averaged with a short one.
+    assert text.count("## `marking=") == 3
     strong = text[text.index("## `marking=strong"):]
-    assert "KS p 0.60, FPR 0.050/0.010" in strong and "| 10 | -0.30 |" in strong
+    strong_10, strong_100 = strong.split("victim epochs=10 ")[1], strong.split("victim epochs=100 ")[1]
+    assert "| 10 | -0.30 |" in strong_10.split("## ")[0] and "| 10 | -6.00 |" in strong_100.split("## ")[0]
+    assert strong.count("KS p 0.60, FPR 0.050/0.010") == 4  # both tests, in both strong sections
     assert "python -m radmark.run marking=strong" in strong
     paper = text[text.index("## `marking=paper"):text.index("## `marking=strong")]
     assert "not run" in paper

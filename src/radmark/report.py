@@ -200,6 +200,15 @@ def variant_of(metrics: dict[str, Any]) -> str:
             f"views={get('config/detection.blackbox_views', 1)}")
 
 
+def victim_recipe_of(metrics: dict[str, Any]) -> str:
+    """How a run's victim was trained (the same marks can be learned or not depending on it), from its
+    recorded settings; older runs lack the newer keys, whose defaults are shown."""
+    get = metrics.get
+    return (f"victim epochs={get('victim/epochs', get('config/victim.epochs'))} "
+            f"lr={get('config/victim.lr', 0.1)} augment={get('config/victim.augment', 'crop_flip')} "
+            f"small_input={get('config/victim.small_input', False)}")
+
+
 def command_of(metrics: dict[str, Any]) -> str:
     """The command recorded by the run, or (older runs) the one its recorded settings imply."""
     if metrics.get("run/command"):
@@ -225,7 +234,8 @@ def _calibration_cells(calibration: dict[str, Any] | None) -> tuple[str, str]:
 
 def write_power_report(runs_roots: list[str | Path], calibration_root: str | Path | None, out: str | Path,
                        arch: str = "resnet18", preamble: str = "") -> Path:
-    """``power.md``: one section per marking/detection variant (:func:`variant_of`), rows = % marked,
+    """``power.md``: one section per marking/detection variant (:func:`variant_of`) and victim recipe
+    (:func:`victim_recipe_of`), rows = % marked,
     with both log10 p, accuracy change vs the same variant's clean baseline, PSNR, the victim's train accuracy
     and the command that made the row; plus each variant's calibration (``calibration.json`` files)."""
     runs = [r for root in runs_roots for r in collect_runs(root) if r.get(ARCH_KEY) == arch]
@@ -237,17 +247,18 @@ def write_power_report(runs_roots: list[str | Path], calibration_root: str | Pat
             report = read_json(path)
             if "variant" in report:
                 calibrations[report["variant"]] = report
-    by_variant: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    # Calibration is a property of the test (variant), the sections also split by victim recipe.
+    by_variant: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for run in runs:
-        by_variant[variant_of(run)].append(run)
+        by_variant[(variant_of(run), victim_recipe_of(run))].append(run)
     text = io.StringIO()
     text.write(f"# Detection power on the CPU-sized Fashion-MNIST setting ({arch} victims)\n\n")
     if preamble:
         text.write(preamble.strip() + "\n\n")
-    for variant, members in by_variant.items():
+    for (variant, recipe), members in by_variant.items():
         fractions, _, cells = build_rows(members)
         wb_cal, bb_cal = _calibration_cells(calibrations.get(variant))
-        text.write(f"## `{variant}`\n\nCalibration under H0 (pooled over H0 models, fresh keys / coins): "
+        text.write(f"## `{variant}` — `{recipe}`\n\nCalibration under H0 (pooled over H0 models, fresh keys / coins): "
                    f"white-box {wb_cal}; black-box {bb_cal}")
         if variant in calibrations:
             text.write(f" — `{calibrations[variant]['command']}`")
