@@ -340,6 +340,43 @@ def test_pca_carriers_no_twins_per_class(tmp_path, data_root, marked):
     assert not (result.marked_dir / "twins").exists()
 
 
+def test_noise_twins_are_antipodal_within_budget_and_follow_the_coin(tmp_path, data_root, marked):
+    cfg0, _, _ = marked
+    shutil.copytree(Path(cfg0.paths.cache_dir) / "marking_net", tmp_path / "cache" / "marking_net")
+    cfg = compose_cfg(tmp_path, data_root, "marking=noise")
+    result, dm = run_mark(cfg)
+    private = dm.dataset("private")
+    rows = read_manifest(result.manifest_path)
+    assert len(rows) == result.key.n_marked > 4
+    coins = dict(zip(result.key.marked_indices.tolist(), result.key.coins.tolist(), strict=True))
+    steps = []
+    for row in rows:
+        x = private[int(row["index"])][0].float()
+        released = read_png(result.marked_dir / row["file"]).float() - x
+        twin = read_png(result.marked_dir / row["twin_file"]).float() - x
+        assert released.abs().max() <= R and twin.abs().max() <= R
+        # Away from the clipped ends of [0, 255] the twin is the released mark's antipode, +-R on every pixel,
+        # the same luminance pattern on all channels.
+        inside = (x >= R) & (x <= 255 - R)
+        assert torch.equal(released[inside], -twin[inside]) and set(released[inside].abs().unique().tolist()) == {R}
+        assert torch.equal(released[0], released[1]) and torch.equal(released[0], released[2])
+        # The released sign is the pattern's when the coin is 0: the pattern is fixed by (seed, image index).
+        from radmark.marking.module import noise_pattern
+
+        pattern = noise_pattern(resolve_seeds(cfg.seeds)["marking"], int(row["index"]), x.shape[-1])[0]
+        sign = 1 - 2 * coins[int(row["index"])]
+        assert torch.equal(released[0][inside[0]], (sign * R * pattern)[inside[0]])
+        steps.append(released[0].flatten())
+    assert not torch.equal(steps[0], steps[1])  # every image has its own pattern
+    assert float(result.metrics["marking/linf_max"]) == R and result.metrics["marking/psnr_mean"] < 35
+
+
+def test_noise_marks_need_twins(tmp_path, data_root):
+    cfg = compose_cfg(tmp_path, data_root, "marking=noise", "marking.twins=false")
+    with pytest.raises(ValueError, match="marking.twins=true"):
+        run_mark(cfg)
+
+
 def test_missing_pretrained_weights_fail_clearly(tmp_path, data_root):
     cfg = compose_cfg(tmp_path, data_root, f"marking.network.pretrained={tmp_path / 'nope.pt'}")
     with pytest.raises(FileNotFoundError, match="marking.network.pretrained"):

@@ -81,6 +81,9 @@ class MarkingConfig:
     network: MarkingNetConfig = field(default_factory=MarkingNetConfig)
     carriers: str = "sphere"  # sphere (paper) | pca:K (inside the top-K principal subspace of public features)
     twins: bool = True  # two keys per class and a secret coin per image (exact black-box sign test)
+    # carrier: optimise toward the class carrier (paper) | noise: add a secret per-image +-radius pattern,
+    # its twin gets the opposite sign (needs twins; black-box twin test only, the carriers are not used)
+    method: str = "carrier"
     lambda_ft: float = 0.01
     lambda_img: float = 0.0005
     optimizer: str = "sgd"  # sgd | adam

@@ -83,6 +83,9 @@ def mark(cfg: DictConfig, datamodule: Any, run_dir: str | Path, logger: Any = No
     seeds = resolve_seeds(cfg.seeds)
     mcfg = cfg.marking
     settings = MarkingSettings.from_cfg(mcfg)  # validates the numbers before anything expensive
+    if settings.method == "noise" and not bool(mcfg.twins):
+        raise ValueError("marking.method=noise needs marking.twins=true: a noise mark is only tested against its "
+                         "twin (black-box sign test). Fix: drop marking.twins=false or use marking.method=carrier")
     pca_k = parse_carriers(str(mcfg.carriers))
 
     net_existed = (marking_net_dir(cfg, seeds["splits"]) / CHECKPOINT_NAME).is_file()

@@ -25,6 +25,7 @@ from radmark.marking.augment import AUGMENTATIONS, augment, draw_params
 from radmark.marking.key import Key
 
 OPTIMIZERS = ("sgd", "adam")
+METHODS = ("carrier", "noise")
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,11 @@ class MarkingSettings:
     augmentation: str = "random"
     crop_scale_min: float = 0.5
     batch_size: int = 64
+    method: str = "carrier"
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"marking.method={self.method!r}: choose one of {', '.join(METHODS)}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"marking.optimizer={self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
         if self.augmentation not in AUGMENTATIONS:
@@ -90,6 +94,28 @@ def quantize(xn: Tensor, lo_u8: Tensor, hi_u8: Tensor, space: PixelSpace) -> Ten
     Clamping in the integer domain guarantees |q - x| <= floor(R) whatever the float rounding did.
     """
     return torch.minimum(torch.maximum(space.to_u8_float(xn), lo_u8), hi_u8)
+
+
+def noise_pattern(marking_seed: int, index: int, size: int) -> Tensor:
+    """The secret +-1 pattern (1, size, size) of private image ``index`` (shared by the channels: a luminance
+    pattern, so grey images stay grey), from a generator seeded by (``seeds.marking``, index)."""
+    g = torch.Generator().manual_seed(derive_seed(int(marking_seed), f"noise-{int(index)}"))
+    return torch.randint(0, 2, (1, size, size), generator=g).float() * 2 - 1
+
+
+def noise_marks(x_u8: Tensor, indices: Tensor, coins: Tensor, radius: float, marking_seed: int
+                ) -> tuple[Tensor, Tensor]:
+    """``marking.method=noise``: (released, twins) uint8 for images ``x_u8`` (n, C, S, S). Image i gets
+    round(x +- radius * P_i) clipped to [0, 255], the sign + on the released copy when its coin is 0, - when it
+    is 1, and the opposite on its twin. The two copies are as far apart as the L-inf budget allows, and which
+    one is released is the secret coin, so the black-box sign test stays exact."""
+    patterns = torch.stack([noise_pattern(marking_seed, int(i), x_u8.shape[-1]) for i in indices])
+    sign = (1 - 2 * coins.to(torch.float32)).view(-1, 1, 1, 1)
+    step = float(round(radius)) * sign * patterns.to(x_u8.device)
+    x = x_u8.float()
+    released = (x + step).round().clamp(0, 255).to(torch.uint8)
+    twins = (x - step).round().clamp(0, 255).to(torch.uint8)
+    return released, twins
 
 
 def mark_batch(
@@ -186,7 +212,8 @@ class ShardDataset(Dataset):
         carriers = self.released_u[a:b]
         if self.twin_u is not None:
             carriers = torch.cat([carriers, self.twin_u[a:b]])
-        return {"shard": shard, "images": images, "labels": labels, "indices": indices, "carriers": carriers}
+        return {"shard": shard, "images": images, "labels": labels, "indices": indices, "carriers": carriers,
+                "coins": self.key.coins[a:b]}
 
 
 def first_item(batch: list[Any]) -> Any:
@@ -223,6 +250,10 @@ class MarkingModule(pl.LightningModule):
         n = images.shape[0]
         rows = carriers.shape[0]  # n or 2n (twins)
         x_u8 = images.repeat(rows // n, 1, 1, 1)
+        if s.method == "noise":
+            released, twins = noise_marks(images, batch["indices"], batch["coins"], s.radius, self.marking_seed)
+            marked = torch.cat([released, twins])
+            return self.shard_output(batch, x_u8, marked, carriers, torch.zeros(0, 4, device=images.device))
         generator = torch.Generator().manual_seed(shard_seed(self.marking_seed, int(batch["shard"])))
         params = draw_params(generator, s.steps, rows) if s.augmentation == "random" else None
         space = self.space.to(images.device)
@@ -237,7 +268,16 @@ class MarkingModule(pl.LightningModule):
                 out, t = mark_batch(self.phi, x_u8[a:b], carriers[a:b], p, s, space, f0=f0[a:b])
                 outs.append(out)
                 terms += t
-        marked = torch.cat(outs)
+        return self.shard_output(batch, x_u8, torch.cat(outs), carriers, terms, f0)
+
+    def shard_output(self, batch: dict[str, Any], x_u8: Tensor, marked: Tensor, carriers: Tensor, terms: Tensor,
+                     f0: Tensor | None = None) -> dict[str, Any]:
+        """What :class:`ShardWriter` saves for one shard: the marked rows (released, then twins) and their stats."""
+        n, rows = batch["images"].shape[0], marked.shape[0]
+        if f0 is None:
+            with torch.no_grad():
+                f0 = torch.cat([self.phi(self.space.to(x_u8.device).normalize_u8(c))
+                                for c in x_u8.split(self.settings.batch_size)])
         stats = self.stats(x_u8, marked, carriers, f0)
         return {
             "shard": int(batch["shard"]),
