@@ -32,7 +32,7 @@ from radmark.marking import (
 )
 from radmark.marking.augment import crop_thetas, random_resized_crop
 from radmark.marking.key import key_bytes, keys_equal
-from radmark.marking.module import PixelSpace
+from radmark.marking.module import PixelSpace, noise_pattern
 from radmark.marking.writer import DONE, read_manifest, read_png, record_path
 from radmark.metrics import read_metrics
 from radmark.pipeline import make_datamodule
@@ -361,8 +361,6 @@ def test_noise_twins_are_antipodal_within_budget_and_follow_the_coin(tmp_path, d
         assert torch.equal(released[inside], -twin[inside]) and set(released[inside].abs().unique().tolist()) == {R}
         assert torch.equal(released[0], released[1]) and torch.equal(released[0], released[2])
         # The released sign is the pattern's when the coin is 0: the pattern is fixed by (seed, image index).
-        from radmark.marking.module import noise_pattern
-
         pattern = noise_pattern(resolve_seeds(cfg.seeds)["marking"], int(row["index"]), x.shape[-1])[0]
         sign = 1 - 2 * coins[int(row["index"])]
         assert torch.equal(released[0][inside[0]], (sign * R * pattern)[inside[0]])

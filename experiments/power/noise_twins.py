@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 from common import ROOT, ReleasedSplit, command, main, pixel_budget, power_config, save_result, write_table
 from pixel_carriers import LF_BASIS, lf_pattern
@@ -44,8 +43,7 @@ def patterns(kind: str, n: int, g: torch.Generator) -> torch.Tensor:
 
 def run(args: dict[str, str]) -> dict:
     from radmark.config import resolve_seeds
-    from radmark.detection.blackbox import apply_view, cross_entropy_tail_exact, draw_views
-    from radmark.detection.stats import sign_test_log10_p
+    from radmark.detection.blackbox import apply_view, cross_entropy_tail_exact, draw_views, sign_test
     from radmark.pipeline import make_datamodule
     from radmark.victim.train import train_victim
 
@@ -86,9 +84,8 @@ def run(args: dict[str, str]) -> dict:
             return torch.stack([cross_entropy_tail_exact(model((apply_view(x, u) / 255 - mean) / std), y)
                                 for u in views]).mean(0)
 
-    diff = (loss(twins) - loss(released)).numpy()
-    wins, nz = int(np.count_nonzero(diff > 0)), int(np.count_nonzero(diff))
-    result.update(wins=wins, n_pairs=nz, blackbox_log10_p=sign_test_log10_p(wins, nz))
+    test = sign_test(loss(released).numpy(), loss(twins).numpy())
+    result.update(wins=test["wins"], n_pairs=test["n"], blackbox_log10_p=test["log10_p"])
     save_result(out, result)
     return result
 

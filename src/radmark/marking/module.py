@@ -250,16 +250,16 @@ class MarkingModule(pl.LightningModule):
         n = images.shape[0]
         rows = carriers.shape[0]  # n or 2n (twins)
         x_u8 = images.repeat(rows // n, 1, 1, 1)
-        if s.method == "noise":
-            released, twins = noise_marks(images, batch["indices"], batch["coins"], s.radius, self.marking_seed)
-            marked = torch.cat([released, twins])
-            return self.shard_output(batch, x_u8, marked, carriers, torch.zeros(0, 4, device=images.device))
-        generator = torch.Generator().manual_seed(shard_seed(self.marking_seed, int(batch["shard"])))
-        params = draw_params(generator, s.steps, rows) if s.augmentation == "random" else None
         space = self.space.to(images.device)
         with torch.no_grad():
             f0 = torch.cat([self.phi(space.normalize_u8(c)) for c in images.split(s.batch_size)])
             f0 = f0.repeat(rows // n, 1)
+        if s.method == "noise":
+            released, twins = noise_marks(images, batch["indices"], batch["coins"], s.radius, self.marking_seed)
+            marked = torch.cat([released, twins])
+            return self.shard_output(batch, x_u8, marked, carriers, torch.zeros(0, 4, device=images.device), f0)
+        generator = torch.Generator().manual_seed(shard_seed(self.marking_seed, int(batch["shard"])))
+        params = draw_params(generator, s.steps, rows) if s.augmentation == "random" else None
         outs, terms = [], torch.zeros(s.steps, 4, device=images.device)
         with torch.enable_grad():  # the predict loop runs under no_grad / inference mode
             for a in range(0, rows, s.batch_size):
@@ -271,13 +271,9 @@ class MarkingModule(pl.LightningModule):
         return self.shard_output(batch, x_u8, torch.cat(outs), carriers, terms, f0)
 
     def shard_output(self, batch: dict[str, Any], x_u8: Tensor, marked: Tensor, carriers: Tensor, terms: Tensor,
-                     f0: Tensor | None = None) -> dict[str, Any]:
+                     f0: Tensor) -> dict[str, Any]:
         """What :class:`ShardWriter` saves for one shard: the marked rows (released, then twins) and their stats."""
         n, rows = batch["images"].shape[0], marked.shape[0]
-        if f0 is None:
-            with torch.no_grad():
-                f0 = torch.cat([self.phi(self.space.to(x_u8.device).normalize_u8(c))
-                                for c in x_u8.split(self.settings.batch_size)])
         stats = self.stats(x_u8, marked, carriers, f0)
         return {
             "shard": int(batch["shard"]),
