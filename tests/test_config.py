@@ -50,6 +50,14 @@ def test_misspelled_keys_fail_at_compose_time(override):
         _compose(["+experiment=resnet18_1pct", override])
 
 
+def test_unknown_blackbox_statistic_fails_at_compose_time():
+    cfg = _compose(["+experiment=resnet18_1pct", "detection=probes"])
+    assert cfg.detection.blackbox_stat.name == "signed_rank"
+    assert _compose(["+experiment=resnet18_1pct"]).detection.blackbox_stat.name == "sign"  # the paper's
+    with pytest.raises(ConfigCompositionException, match="blackbox_stat"):
+        _compose(["+experiment=resnet18_1pct", "detection.blackbox_stat=wilcox"])
+
+
 def test_misspelled_key_in_an_experiment_file_fails(tmp_path):
     import shutil
 

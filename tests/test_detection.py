@@ -23,7 +23,9 @@ from radmark.detection.blackbox import (
     coin_null_pvalues,
     cross_entropy_tail_exact,
     sign_test,
+    signed_rank_test,
     twin_losses,
+    twin_test,
 )
 from radmark.detection.cli import main as cli_main
 from radmark.detection.whitebox import (
@@ -131,6 +133,30 @@ def test_random_coins_give_uniform_pvalues():
     assert ss.kstest(null["p_randomized"], "uniform").pvalue > 0.01
     assert np.mean(null["p"] <= 0.05) <= 0.05 + 3 * np.sqrt(0.05 * 0.95 / 400)
     assert np.all(null["p"] >= null["p_randomized"] - 1e-12)  # the test's p-value is conservative
+
+
+def test_signed_rank_uses_the_size_of_each_gap():
+    # Same 6 wins of 10 for both suspects; only the second wins by more than it loses.
+    rel = np.ones(10)
+    small_wins = rel + np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, -0.7, -0.8, -0.9, -1.0])
+    big_wins = rel + np.array([0.7, 0.8, 0.9, 1.0, 1.1, 1.2, -0.1, -0.2, -0.3, -0.4])
+    a, b = signed_rank_test(rel, small_wins), signed_rank_test(rel, big_wins)
+    assert a["wins"] == b["wins"] == 6 and a["sign_log10_p"] == b["sign_log10_p"]
+    assert b["log10_p"] < a["sign_log10_p"] < a["log10_p"]
+    assert b["signed_rank_W"] == 45.0  # ranks 5..10 won
+    assert twin_test(rel, big_wins, "signed_rank")["log10_p"] == b["log10_p"]
+    assert twin_test(rel, big_wins, "sign")["log10_p"] == b["sign_log10_p"]
+    with pytest.raises(ValueError, match="blackbox_stat"):
+        twin_test(rel, big_wins, "wilcox")
+
+
+def test_random_coins_give_uniform_signed_rank_pvalues():
+    # Heavy-tailed gaps with ties, as a confident suspect gives: the coin null is still exact.
+    diff = np.round(np.random.default_rng(1).standard_t(2, 60), 1)
+    null = coin_null_pvalues(np.zeros(60), diff, 400, torch.Generator().manual_seed(0), statistic="signed_rank")
+    assert ss.kstest(null["p_randomized"], "uniform").pvalue > 0.01
+    assert np.mean(null["p"] <= 0.05) <= 0.05 + 3 * np.sqrt(0.05 * 0.95 / 400)
+    assert np.all(null["p"] >= null["p_randomized"] - 1e-12)
 
 
 # ------------------------------------------------------------------------------------ end to end

@@ -113,11 +113,21 @@ def test_power_report_groups_runs_by_variant(tmp_path):
                 "victim/test_acc": 0.9, "victim/train_acc": 0.95, "victim/epochs": epochs,
                 "config/victim.epochs": epochs, "marking/psnr_mean": 40.0,
             }))
+    # A second seed of the 100-epoch strong row: the row shows the mean and each run's value.
+    run = tmp_path / "runs" / "strong-100-0.1-seed1"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({
+        "config/victim.arch": "resnet18", "config/marking.fraction": 0.1, "config/marking.name": "strong",
+        "run/command": "python -m radmark.run marking=strong seeds.root=1", "detect/whitebox_log10_p": -2.0,
+        "detect/blackbox_log10_p": -0.3, "detect/blackbox_wins": 9, "detect/blackbox_n": 15,
+        "victim/test_acc": 0.9, "victim/train_acc": 0.95, "victim/epochs": 100, "config/victim.epochs": 100,
+        "marking/psnr_mean": 40.0,
+    }))
     calib = tmp_path / "calib" / "strong"
     calib.mkdir(parents=True)
     report = {"n": 200, "ks_stat": 0.05, "ks_pvalue": 0.6, "fpr_05": 0.05, "fpr_01": 0.01}
     (calib / "calibration.json").write_text(json.dumps({
-        "variant": "marking=strong carriers=sphere selection=uniform | detection=paper probes=0 views=1",
+        "variant": "marking=strong carriers=sphere selection=uniform | detection=paper probes=0 views=1 stat=sign",
         "command": "python -m radmark.detection.calibrate marking=strong",
         "pooled": {"whitebox": report, "blackbox": report, "blackbox_randomized": report},
     }))
@@ -128,7 +138,9 @@ def test_power_report_groups_runs_by_variant(tmp_path):
     assert text.count("## `marking=") == 3
     strong = text[text.index("## `marking=strong"):]
     strong_10, strong_100 = strong.split("victim epochs=10 ")[1], strong.split("victim epochs=100 ")[1]
-    assert "| 10 | -0.30 |" in strong_10.split("## ")[0] and "| 10 | -6.00 |" in strong_100.split("## ")[0]
+    assert "| 10 | 1 | -0.30 |" in strong_10.split("## ")[0]
+    assert "| 10 | 2 | -4.00 (-6.00, -2.00) | -0.20 (-0.10, -0.30) |" in strong_100.split("## ")[0]
+    assert "(9/15)" in strong_100 and "seeds.root=1" in strong_100
     assert strong.count("KS p 0.60, FPR 0.050/0.010") == 4  # both tests, in both strong sections
     assert "python -m radmark.run marking=strong" in strong
     paper = text[text.index("## `marking=paper"):text.index("## `marking=strong")]

@@ -11,6 +11,7 @@ import scipy.stats as ss
 import torch
 
 from radmark.detection.stats import (
+    SignedRankNull,
     cosine_null_logsf,
     fisher_log_p,
     permutation_log10_p,
@@ -284,6 +285,38 @@ def test_sign_test_large_n_finite():
     assert -n * kl - math.log(n + 1) <= got <= -n * kl
     vals = [sign_test_log10_p(w, 2000) for w in range(1000, 2001, 25)]
     assert all(np.isfinite(vals)) and all(b < a for a, b in zip(vals, vals[1:], strict=False))
+
+
+def test_signed_rank_matches_scipy_exact_without_ties():
+    rng = np.random.default_rng(3)
+    for n in (1, 4, 9, 20, 45):
+        for shift in (-0.5, 0.0, 0.7):
+            d = rng.standard_normal(n) + shift
+            ref = ss.wilcoxon(d, alternative="greater", method="exact").pvalue
+            assert SignedRankNull(d).log10_p(d) == pytest.approx(math.log10(ref), rel=1e-9, abs=1e-12)
+
+
+def test_signed_rank_with_ties_matches_enumeration():
+    # Ties in |d| (and a zero, dropped): scipy's exact method does not cover them, so enumerate all 2^n signs.
+    d = np.array([1.0, -1.0, 2.0, 2.0, -3.0, 0.0, 3.0, 3.0, 0.5, -2.0])
+    null = SignedRankNull(d)
+    nz = d[d != 0]
+    ranks = ss.rankdata(np.abs(nz))
+    w_obs = ranks[nz > 0].sum()
+    signs = np.array(np.meshgrid(*[[0, 1]] * nz.size)).reshape(nz.size, -1).T.astype(bool)
+    w_all = (signs * ranks).sum(axis=1)
+    assert 10 ** null.log10_p(d) == pytest.approx(np.mean(w_all >= w_obs - 1e-9), rel=1e-12)
+    assert sum(null.pmf(w) for w in range(0, int(2 * ranks.sum()) + 1)) == pytest.approx(1.0, rel=1e-12)
+
+
+def test_signed_rank_extreme_tail_is_finite_and_exact():
+    n = 800  # all positive: P = 2^-n, far below float64's normal range after 1000 terms of raw probabilities
+    d = np.linspace(0.1, 5.0, n)
+    assert SignedRankNull(d).log10_p(d) == pytest.approx(-n * math.log10(2), rel=1e-9)
+    big = np.random.default_rng(0).standard_normal(SignedRankNull.EXACT_MAX + 200) + 0.1
+    approx = SignedRankNull(big).log10_p(big)
+    ref = math.log10(ss.wilcoxon(big, alternative="greater", method="approx", correction=True).pvalue)
+    assert approx == pytest.approx(ref, abs=0.02)
 
 
 def test_permutation_p():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -116,6 +117,13 @@ class VictimConfig:
     step_gamma: float = 0.1
 
 
+class BlackboxStatistic(Enum):
+    """``detection.blackbox_stat`` (see :mod:`radmark.detection.blackbox`)."""
+
+    sign = "sign"
+    signed_rank = "signed_rank"
+
+
 @dataclass
 class DetectionConfig:
     name: str = "paper"
@@ -129,6 +137,9 @@ class DetectionConfig:
     align_probes: int = 0
     # Black-box: loss averaged over this many random crop + flip views (1: the centre view, as the paper).
     blackbox_views: int = 1
+    # Black-box statistic over the twin gaps: sign (count of wins) | signed_rank (Wilcoxon: also how far
+    # each released copy beats its twin). Both exact under H0; an unknown name fails at compose time.
+    blackbox_stat: BlackboxStatistic = BlackboxStatistic.sign
 
 
 @dataclass
@@ -182,6 +193,11 @@ def derive_seed(root: int, name: str) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
+def choice_name(value: Any) -> str:
+    """An Enum-typed setting (e.g. ``detection.blackbox_stat``) as its plain name; strings pass through."""
+    return value.name if isinstance(value, Enum) else str(value)
+
+
 def resolve_seeds(seeds: SeedsConfig | DictConfig) -> dict[str, int]:
     """Every named seed as an int: explicit values win, the rest derive from ``root``."""
     root = int(seeds.root)
@@ -194,7 +210,7 @@ def resolve_seeds(seeds: SeedsConfig | DictConfig) -> dict[str, int]:
 
 def config_hash(*nodes: Any, length: int = 16) -> str:
     """Hash of resolved config nodes, used to name cached artefacts (marking net, marked data)."""
-    payload = [OmegaConf.to_container(n, resolve=True) if isinstance(n, DictConfig) else n for n in nodes]
+    payload = [OmegaConf.to_container(n, resolve=True, enum_to_str=True) if isinstance(n, DictConfig) else n for n in nodes]
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 

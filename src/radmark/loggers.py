@@ -30,7 +30,7 @@ def make_logger(logger_cfg: DictConfig, run_dir: str | Path, run_name: str, conf
         os.environ["WANDB_MODE"] = logger_cfg.mode
         kwargs: dict[str, Any] = {}
         if config is not None:
-            kwargs["config"] = OmegaConf.to_container(config, resolve=True, throw_on_missing=False)
+            kwargs["config"] = OmegaConf.to_container(config, resolve=True, throw_on_missing=False, enum_to_str=True)
         return WandbLogger(
             project=logger_cfg.project,
             name=run_name,

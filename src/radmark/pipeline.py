@@ -41,7 +41,7 @@ def make_datamodule(cfg: DictConfig, seeds: dict[str, int]) -> Any:
 def record_settings(cfg: DictConfig, run_dir: Path, seeds: dict[str, int]) -> None:
     values: dict[str, Any] = {f"seeds/{k}": v for k, v in seeds.items()}
     for group in RECORDED_CONFIG:
-        values.update(flatten(f"config/{group}", OmegaConf.to_container(cfg[group], resolve=True)))
+        values.update(flatten(f"config/{group}", OmegaConf.to_container(cfg[group], resolve=True, enum_to_str=True)))
     values["run/experiment"] = cfg.experiment
     values["run/variant"] = variant_label(cfg)
     values["run/command"] = command_line()
@@ -102,7 +102,7 @@ def variant_label(cfg: DictConfig) -> str:
 
     values = {}
     for group in ("marking", "detection"):
-        values.update(flatten(f"config/{group}", OmegaConf.to_container(cfg[group], resolve=True)))
+        values.update(flatten(f"config/{group}", OmegaConf.to_container(cfg[group], resolve=True, enum_to_str=True)))
     return variant_of(values)
 
 

@@ -60,6 +60,15 @@ def build_rows(runs: list[dict[str, Any]]) -> tuple[list[float], list[str], dict
         cell["n_runs"] = len(members)
         cell["victim/train_acc"] = _mean([m.get("victim/train_acc") for m in members])
         cell["victim/epochs"] = members[0].get("victim/epochs")
+        # Black-box details for the power report: the sign test beside a signed-rank primary, twins won
+        # (summed over runs) and each run's primary p-value.
+        cell["detect/blackbox_sign_log10_p"] = _mean(
+            [m.get("detect/blackbox_sign_log10_p", m.get("detect/blackbox_log10_p")) for m in members])
+        won = [(int(m["detect/blackbox_wins"]), int(m["detect/blackbox_n"])) for m in members
+               if m.get("detect/blackbox_wins") is not None and m.get("detect/blackbox_n") is not None]
+        cell["blackbox_wins"] = (sum(w for w, _ in won), sum(n for _, n in won)) if won else None
+        cell["blackbox_per_run"] = [m.get("detect/blackbox_log10_p") for m in members]
+        cell["whitebox_per_run"] = [m.get("detect/whitebox_log10_p") for m in members]
         cells[key] = cell
     for (_fraction, arch), cell in cells.items():
         base = cells.get((0.0, arch), {}).get("victim/test_acc")
@@ -197,7 +206,7 @@ def variant_of(metrics: dict[str, Any]) -> str:
     return (f"marking={get('config/marking.name', 'paper')} carriers={get('config/marking.carriers', 'sphere')} "
             f"selection={get('config/marking.selection', 'uniform')} | "
             f"detection={get('config/detection.name', 'paper')} probes={get('config/detection.align_probes', 0)} "
-            f"views={get('config/detection.blackbox_views', 1)}")
+            f"views={get('config/detection.blackbox_views', 1)} stat={get('config/detection.blackbox_stat', 'sign')}")
 
 
 def victim_recipe_of(metrics: dict[str, Any]) -> str:
@@ -232,6 +241,13 @@ def _calibration_cells(calibration: dict[str, Any] | None) -> tuple[str, str]:
             cell(pooled.get("blackbox"), pooled.get("blackbox_randomized")))
 
 
+def _per_run(mean: float | None, values: list[Any]) -> str:
+    """The mean over runs, followed by each run's value when there are several."""
+    if len(values) <= 1:
+        return _fmt(mean, "{:.2f}")
+    return f"{_fmt(mean, '{:.2f}')} ({', '.join(_fmt(v, '{:.2f}') for v in values)})"
+
+
 def write_power_report(runs_roots: list[str | Path], calibration_root: str | Path | None, out: str | Path,
                        arch: str = "resnet18", preamble: str = "") -> Path:
     """``power.md``: one section per marking/detection variant (:func:`variant_of`) and victim recipe
@@ -246,7 +262,10 @@ def write_power_report(runs_roots: list[str | Path], calibration_root: str | Pat
         for path in sorted(Path(calibration_root).rglob("calibration.json")):
             report = read_json(path)
             if "variant" in report:
-                calibrations[report["variant"]] = report
+                variant = report["variant"]
+                if " stat=" not in variant:  # calibrated before detection.blackbox_stat existed: the sign test
+                    variant += " stat=sign"
+                calibrations[variant] = report
     # Calibration is a property of the test (variant), the sections also split by victim recipe.
     by_variant: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for run in runs:
@@ -262,19 +281,26 @@ def write_power_report(runs_roots: list[str | Path], calibration_root: str | Pat
                    f"white-box {wb_cal}; black-box {bb_cal}")
         if variant in calibrations:
             text.write(f" — `{calibrations[variant]['command']}`")
-        text.write("\n\n| % marked | white-box log10 p | black-box log10 p | acc % | Δacc (pts) | PSNR dB "
-                   "| victim epochs / train acc % | command |\n|---|---|---|---|---|---|---|---|\n")
-        commands = {float(m[FRACTION_KEY]): command_of(m) for m in members}
+        text.write("\n\n| % marked | runs | white-box log10 p | black-box log10 p | black-box sign test: log10 p "
+                   "(twins won) | acc % | Δacc (pts) | PSNR dB | victim epochs / train acc % | command |\n"
+                   "|---|---|---|---|---|---|---|---|---|---|\n")
+        commands: dict[float, list[str]] = defaultdict(list)
+        for m in members:
+            commands[float(m[FRACTION_KEY])].append(command_of(m))
         for fraction in fractions:
             cell = cells[(fraction, arch)]
             train = cell.get("victim/train_acc")
+            won = cell.get("blackbox_wins")
             text.write(
-                f"| {fraction * 100:g} | {_fmt(cell.get('detect/whitebox_log10_p'), '{:.2f}')} "
-                f"| {_fmt(cell.get('detect/blackbox_log10_p'), '{:.2f}')} "
+                f"| {fraction * 100:g} | {cell['n_runs']} "
+                f"| {_per_run(cell.get('detect/whitebox_log10_p'), cell['whitebox_per_run'])} "
+                f"| {_per_run(cell.get('detect/blackbox_log10_p'), cell['blackbox_per_run'])} "
+                f"| {_fmt(cell.get('detect/blackbox_sign_log10_p'), '{:.2f}')}"
+                + (f" ({won[0]}/{won[1]})" if won else "") + " "
                 f"| {_fmt(cell.get('victim/test_acc'), '{:.2f}')} | {_fmt(cell.get('acc_change'), '{:+.2f}')} "
                 f"| {_fmt(cell.get('marking/psnr_mean'), '{:.1f}')} "
                 f"| {cell.get('victim/epochs')} / {_fmt(train * 100 if train is not None else None, '{:.1f}')} "
-                f"| `{commands.get(fraction, '')}` |\n")
+                f"| {'<br>'.join(f'`{c}`' for c in commands.get(fraction, []))} |\n")
         text.write("\n")
     out = Path(out)
     with atomic_path(out) as tmp:

@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from radmark.detection.blackbox import TwinPairs, sign_test, twin_losses
+from radmark.detection.blackbox import TwinPairs, twin_losses, twin_test
 from radmark.detection.probes import make_probes, probe_settings, torch_device
 from radmark.detection.whitebox import NetView, detection_trainer, whitebox_detect
 from radmark.io import read_json, sha256_file, write_json
@@ -152,11 +152,12 @@ def run_tests(
     align_probes: int = 0,
     blackbox_views: int = 1,
     seed: int = 0,
+    blackbox_stat: str = "sign",
 ) -> dict[str, Any]:
     """Both tests. Returns ``{"whitebox": dict | None, "blackbox": dict | None, "blackbox_reason": str |
     None, "seconds": float}``; a test that did not run has a reason instead of a result.
 
-    ``align_probes`` / ``blackbox_views``: ``detection.*`` (0 / 1: the paper); ``seed`` (``seeds.detection``)
+    ``align_probes`` / ``blackbox_views`` / ``blackbox_stat``: ``detection.*`` (0 / 1 / sign: the paper); ``seed`` (``seeds.detection``)
     draws the probes' carriers and the black-box views, never the key.
     """
     start = time.perf_counter()
@@ -186,7 +187,7 @@ def run_tests(
             out["blackbox_reason"] = out["blackbox_reason"] or "no marked dir with released/twin images given"
         else:
             rel, twin = twin_losses(suspect, pairs, trainer=trainer, views=blackbox_views, seed=seed)
-            out["blackbox"] = {**sign_test(rel, twin), "views": int(blackbox_views)}
+            out["blackbox"] = {**twin_test(rel, twin, blackbox_stat), "views": int(blackbox_views)}
             out["blackbox_reason"] = None
     elif out["blackbox_reason"] is None:
         out["blackbox_reason"] = "disabled (detection.blackbox=false)"
@@ -207,6 +208,9 @@ def summary_metrics(result: dict[str, Any]) -> dict[str, Any]:
         "detect/blackbox_n": bb["n"] if bb else None,
         "detect/blackbox_ties": bb["ties"] if bb else None,
         "detect/blackbox_views": bb.get("views", 1) if bb else None,
+        "detect/blackbox_stat": bb.get("statistic", "sign") if bb else None,
+        # The sign test's p-value is kept beside a signed-rank result, for comparison across variants.
+        "detect/blackbox_sign_log10_p": bb.get("sign_log10_p", bb["log10_p"]) if bb else None,
         "detect/blackbox_reason": result.get("blackbox_reason"),
         "detect/seconds": result["seconds"],
     }
@@ -245,7 +249,7 @@ def detect(
 ) -> dict[str, Any]:
     """Run the tests enabled in ``cfg.detection`` on ``suspect_checkpoint``; writes ``detect/*`` metrics
     and ``<run_dir>/detect_per_class.json``; returns the metrics."""
-    from radmark.config import resolve_seeds
+    from radmark.config import choice_name, resolve_seeds
     from radmark.marking.key import load_key
 
     run_dir = Path(run_dir)
@@ -260,7 +264,7 @@ def detect(
         key, marking, suspect, datamodule.dataset("heldout"), int(dcfg.n_heldout), pairs,
         whitebox=bool(dcfg.whitebox), blackbox=bool(dcfg.blackbox), accelerator=str(cfg.trainer.accelerator),
         align_probes=int(dcfg.align_probes), blackbox_views=int(dcfg.blackbox_views),
-        seed=resolve_seeds(cfg.seeds)["detection"],
+        seed=resolve_seeds(cfg.seeds)["detection"], blackbox_stat=choice_name(dcfg.blackbox_stat),
     )
     metrics = summary_metrics(result)
     metrics["detect/suspect"] = str(suspect_checkpoint)

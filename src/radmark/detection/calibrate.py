@@ -16,8 +16,9 @@ same twins (under H0 the coin is the only randomness). ``detection.align_probes`
 keys). Reported: KS statistic vs U(0,1) and FPR at 0.05 / 0.01, per model and pooled; ``calibration.json``
 and ``calibration_hist.png`` in the run dir.
 
-The sign test's p-value is discrete, hence conservative (FPR <= alpha) and not exactly uniform; its KS
-statistic is computed on the randomised p-value P(X > w) + U P(X = w), which is exactly U(0,1) under H0.
+The black-box statistic is ``detection.blackbox_stat`` (sign or signed_rank). Both p-values are discrete,
+hence conservative (FPR <= alpha) and not exactly uniform; the KS statistic is computed on the randomised
+p-value P(T > t) + U P(T = t), which is exactly U(0,1) under H0.
 Optional overrides: ``+calibrate.models=[marking_net,random_init]`` (skip training the clean victim).
 """
 
@@ -33,10 +34,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from radmark.config import derive_seed, resolve_seeds
+from radmark.config import choice_name, derive_seed, resolve_seeds
 from radmark.detection import stats
 from radmark.detection.api import marking_view, suspect_view, twin_pairs
-from radmark.detection.blackbox import coin_null_pvalues, sign_test, twin_losses
+from radmark.detection.blackbox import coin_null_pvalues, twin_losses, twin_test
 from radmark.detection.probes import make_probes, probe_settings, torch_device
 from radmark.detection.whitebox import (
     WhiteboxDetector,
@@ -99,6 +100,7 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
     loader = heldout_loader(dm.dataset("heldout"), int(cfg.detection.n_heldout))
     C, k_dim = key.num_classes, key.carrier_dim
     n_probes, n_views = int(cfg.detection.align_probes), int(cfg.detection.blackbox_views)
+    blackbox_stat = choice_name(cfg.detection.blackbox_stat)
     # Probes depend on the held-out images, the marking net and seeds.detection only: built once, shared by
     # every model and every fresh key (see radmark.detection.probes).
     probes = None
@@ -129,8 +131,8 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
         if pairs is not None:
             rel, twin = twin_losses(suspect, pairs, trainer=trainer, views=n_views, seed=seeds["detection"])
             gen = torch.Generator().manual_seed(derive_seed(seeds["detection"], f"blackbox:{name}"))
-            null = coin_null_pvalues(rel, twin, n_keys, gen)
-            entry["secret_coins_blackbox"] = sign_test(rel, twin)
+            null = coin_null_pvalues(rel, twin, n_keys, gen, statistic=blackbox_stat)
+            entry["secret_coins_blackbox"] = twin_test(rel, twin, blackbox_stat)
             entry["blackbox_randomized"] = stats.uniformity_report(null["p_randomized"])
             entry["blackbox"] = stats.uniformity_report(null["p"])
             entry["blackbox_p"] = null["p"].tolist()
@@ -154,6 +156,7 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
         "n_twins": len(pairs) if pairs is not None else 0,
         "align_probes": n_probes,
         "blackbox_views": n_views,
+        "blackbox_stat": blackbox_stat,
         "carrier_dim": k_dim,
         "num_classes": C,
         "seed_detection": seeds["detection"],
@@ -173,7 +176,8 @@ def table(report: dict[str, Any]) -> str:
     """Plain-text table: one row per (test, model) and pooled."""
     head = f"{'test':<22}{'model':<14}{'n':>6}{'KS':>8}{'KS p':>9}{'FPR.05':>9}{'FPR.01':>9}"
     lines = [f"calibration under H0: {report['n_keys']} fresh keys / coin draws per model, "
-             f"{report['n_heldout']} held-out images, {report['n_twins']} twin pairs", head, "-" * len(head)]
+             f"{report['n_heldout']} held-out images, {report['n_twins']} twin pairs "
+             f"({report.get('blackbox_stat', 'sign')} test)", head, "-" * len(head)]
     rows = [("white-box", "whitebox"), ("black-box", "blackbox"), ("black-box randomised", "blackbox_randomized")]
     for label, field in rows:
         entries = [(m, e.get(field)) for m, e in report["per_model"].items()] + [("pooled", report["pooled"].get(field))]

@@ -58,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "carriers to the alignment (default 0: the paper's alignment)")
     p.add_argument("--blackbox-views", type=int, default=1,
                    help="black-box: average each loss over V random crop + flip views (default 1: centre view)")
+    p.add_argument("--blackbox-stat", choices=["sign", "signed_rank"], default="sign",
+                   help="black-box statistic over the twin gaps: sign (wins) or signed_rank (Wilcoxon, also "
+                   "uses how far each released copy beats its twin); both exact (default sign)")
     p.add_argument("--detection-seed", type=int, default=None,
                    help="seed of the probes' carriers and the views (default: the pipeline's seeds.detection "
                    "for seeds.root=0)")
@@ -160,7 +163,7 @@ def detect_third_party(args: argparse.Namespace) -> dict[str, Any]:
     result = run_tests(key, marking, suspect, heldout, args.n_heldout, pairs,
                        whitebox=not args.no_whitebox, blackbox=not args.no_blackbox,
                        accelerator=args.device, blackbox_reason=reason, align_probes=args.align_probes,
-                       blackbox_views=args.blackbox_views, seed=int(seed))
+                       blackbox_views=args.blackbox_views, seed=int(seed), blackbox_stat=args.blackbox_stat)
     return {
         "key": str(args.key),
         "key_sha256": sha256_file(args.key),
@@ -186,7 +189,8 @@ def format_result(res: dict[str, Any]) -> str:
         lines.append("white-box: not run")
     if bb is not None:
         views = res.get("blackbox_views") or 1
-        lines.append(f"black-box: log10 p = {bb:.3f}  (lower loss on the released copy for "
+        stat = "signed-rank" if res.get("blackbox_stat") == "signed_rank" else "sign"
+        lines.append(f"black-box: log10 p = {bb:.3f}  ({stat} test; lower loss on the released copy for "
                      f"{res['blackbox_wins']} of {res['blackbox_n']} twin pairs, "
                      f"{res['blackbox_ties']} ties dropped" + (f", {views} views" if views > 1 else "") + ")")
     else:
