@@ -204,3 +204,15 @@ def test_named_variant_configs_compose():
     paper = compose_config([])
     assert (paper.marking.name, paper.marking.selection, paper.marking.optimizer) == ("paper", "uniform", "sgd")
     assert (paper.detection.name, paper.detection.align_probes, paper.detection.blackbox_views) == ("paper", 0, 1)
+
+
+def test_best_variant_is_one_override_and_the_demo_uses_it():
+    best = compose_config(["marking=strong_hard"])
+    assert (best.marking.selection, best.marking.optimizer, best.marking.radius) == ("hard", "adam", 10.0)
+    assert best.detection.name == "probes" and best.detection.blackbox_stat.name == "signed_rank"
+    demo = compose_config(["+experiment=demo"])
+    assert (demo.marking.selection, demo.detection.name) == ("hard", "probes")
+    # The paper's recipe is one override away, and it brings back the paper's detection too.
+    paper = compose_config(["+experiment=demo", "marking=paper"])
+    assert (paper.marking.name, paper.marking.selection, paper.detection.name) == ("paper", "uniform", "paper")
+    assert paper.detection.blackbox_stat.name == "sign"
