@@ -145,3 +145,16 @@ def test_power_report_groups_runs_by_variant(tmp_path):
     assert "python -m radmark.run marking=strong" in strong
     paper = text[text.index("## `marking=paper"):text.index("## `marking=strong")]
     assert "not run" in paper
+    # Other victim architectures (transfer) get their own sections, after the main one's, only when asked.
+    run = tmp_path / "runs" / "transfer-densenet"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({
+        "config/victim.arch": "densenet121", "config/marking.fraction": 0.1, "config/marking.name": "strong",
+        "run/command": "python -m radmark.run marking=strong victim=densenet121", "detect/whitebox_log10_p": -1.0,
+        "detect/blackbox_log10_p": -5.0, "victim/test_acc": 0.9, "victim/epochs": 100,
+    }))
+    assert "densenet121" not in write_power_report([tmp_path / "runs"], None, tmp_path / "p1.md").read_text()
+    both = write_power_report([tmp_path / "runs"], None, tmp_path / "p2.md", archs=("resnet18", "densenet121"))
+    text = both.read_text()
+    assert text.count("**densenet121 victim**") == 1 and text.count("## `marking=") == 4
+    assert text.index("**densenet121 victim**") > text.rindex("python -m radmark.run marking=strong seeds.root=1")

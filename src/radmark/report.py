@@ -249,14 +249,15 @@ def _per_run(mean: float | None, values: list[Any]) -> str:
 
 
 def write_power_report(runs_roots: list[str | Path], calibration_root: str | Path | None, out: str | Path,
-                       arch: str = "resnet18", preamble: str = "") -> Path:
-    """``power.md``: one section per marking/detection variant (:func:`variant_of`) and victim recipe
-    (:func:`victim_recipe_of`), rows = % marked,
+                       archs: tuple[str, ...] = ("resnet18",), preamble: str = "") -> Path:
+    """``power.md``: one section per victim architecture (in the order of ``archs``), marking/detection
+    variant (:func:`variant_of`) and victim recipe (:func:`victim_recipe_of`), rows = % marked,
     with both log10 p, accuracy change vs the same variant's clean baseline, PSNR, the victim's train accuracy
     and the command that made the row; plus each variant's calibration (``calibration.json`` files)."""
-    runs = [r for root in runs_roots for r in collect_runs(root) if r.get(ARCH_KEY) == arch]
+    runs = [r for root in runs_roots for r in collect_runs(root) if r.get(ARCH_KEY) in archs]
     if not runs:
-        raise FileNotFoundError(f"no finished {arch} runs under {runs_roots}")
+        raise FileNotFoundError(f"no finished {'/'.join(archs)} runs under {runs_roots}")
+    runs.sort(key=lambda r: archs.index(str(r[ARCH_KEY])))  # stable: keeps the folder order within an arch
     calibrations: dict[str, dict[str, Any]] = {}
     if calibration_root is not None:
         for path in sorted(Path(calibration_root).rglob("calibration.json")):
@@ -267,18 +268,19 @@ def write_power_report(runs_roots: list[str | Path], calibration_root: str | Pat
                     variant += " stat=sign"
                 calibrations[variant] = report
     # Calibration is a property of the test (variant), the sections also split by victim recipe.
-    by_variant: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    by_variant: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for run in runs:
-        by_variant[(variant_of(run), victim_recipe_of(run))].append(run)
+        by_variant[(str(run[ARCH_KEY]), variant_of(run), victim_recipe_of(run))].append(run)
     text = io.StringIO()
-    text.write(f"# Detection power on the CPU-sized Fashion-MNIST setting ({arch} victims)\n\n")
+    text.write(f"# Detection power on the CPU-sized Fashion-MNIST setting ({', '.join(archs)} victims)\n\n")
     if preamble:
         text.write(preamble.strip() + "\n\n")
-    for (variant, recipe), members in by_variant.items():
+    for (arch, variant, recipe), members in by_variant.items():
         fractions, _, cells = build_rows(members)
         wb_cal, bb_cal = _calibration_cells(calibrations.get(variant))
-        text.write(f"## `{variant}` — `{recipe}`\n\nCalibration under H0 (pooled over H0 models, fresh keys / coins): "
-                   f"white-box {wb_cal}; black-box {bb_cal}")
+        victim = "" if arch == archs[0] else f" — **{arch} victim**"
+        text.write(f"## `{variant}` — `{recipe}`{victim}\n\nCalibration under H0 (pooled over H0 models, fresh "
+                   f"keys / coins): white-box {wb_cal}; black-box {bb_cal}")
         if variant in calibrations:
             text.write(f" — `{calibrations[variant]['command']}`")
         text.write("\n\n| % marked | runs | white-box log10 p | black-box log10 p | black-box sign test: log10 p "
@@ -318,11 +320,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--power", action="store_true",
                         help="write <out>/<name>.md as a power table grouped by run/variant")
     parser.add_argument("--calibration", default=None, help="folder searched for calibration.json (--power)")
+    parser.add_argument("--arch", nargs="+", default=["resnet18"],
+                        help="victim architectures for --power, main one first (default resnet18)")
     args = parser.parse_args(argv)
     notes = Path(args.notes[1:]).read_text() if args.notes.startswith("@") else args.notes
     if args.power:
         out = write_power_report(args.runs, args.calibration, Path(args.out) / f"{args.name}.md",
-                                 preamble=notes)
+                                 archs=tuple(args.arch), preamble=notes)
         print(out.read_text())
         return
     path = write_report(args.runs[0], args.out, args.name, args.command, notes)
