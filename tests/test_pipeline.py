@@ -101,28 +101,26 @@ def test_two_point_sweep_and_table(tmp_path, data_root):
     assert "## resnet18" in md.read_text()
 
 
+def _power_run(folder, name: str, fraction: float, epochs: int, **metrics) -> None:
+    """A fake finished run's metrics.json (ResNet-18 victim unless ``metrics`` says otherwise)."""
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({
+        "config/victim.arch": "resnet18", "config/marking.fraction": fraction, "config/marking.name": name,
+        "run/command": f"python -m radmark.run marking={name}", "detect/blackbox_log10_p": -0.1,
+        "victim/test_acc": 0.9, "victim/train_acc": 0.95, "victim/epochs": epochs, "config/victim.epochs": epochs,
+        "marking/psnr_mean": 40.0, **metrics,
+    }))
+
+
 def test_power_report_groups_runs_by_variant(tmp_path):
     for name, wb, epochs in (("paper", -0.5, 10), ("strong", -3.0, 10), ("strong", -60.0, 100)):
         for fraction in (0.0, 0.1):
-            run = tmp_path / "runs" / f"{name}-{epochs}-{fraction}"
-            run.mkdir(parents=True)
-            (run / "metrics.json").write_text(json.dumps({
-                "config/victim.arch": "resnet18", "config/marking.fraction": fraction,
-                "config/marking.name": name, "run/command": f"python -m radmark.run marking={name}",
-                "detect/whitebox_log10_p": wb * fraction, "detect/blackbox_log10_p": -0.1,
-                "victim/test_acc": 0.9, "victim/train_acc": 0.95, "victim/epochs": epochs,
-                "config/victim.epochs": epochs, "marking/psnr_mean": 40.0,
-            }))
+            _power_run(tmp_path / "runs" / f"{name}-{epochs}-{fraction}", name, fraction, epochs,
+                       **{"detect/whitebox_log10_p": wb * fraction})
     # A second seed of the 100-epoch strong row: the row shows the mean and each run's value.
-    run = tmp_path / "runs" / "strong-100-0.1-seed1"
-    run.mkdir(parents=True)
-    (run / "metrics.json").write_text(json.dumps({
-        "config/victim.arch": "resnet18", "config/marking.fraction": 0.1, "config/marking.name": "strong",
+    _power_run(tmp_path / "runs" / "strong-100-0.1-seed1", "strong", 0.1, 100, **{
         "run/command": "python -m radmark.run marking=strong seeds.root=1", "detect/whitebox_log10_p": -2.0,
-        "detect/blackbox_log10_p": -0.3, "detect/blackbox_wins": 9, "detect/blackbox_n": 15,
-        "victim/test_acc": 0.9, "victim/train_acc": 0.95, "victim/epochs": 100, "config/victim.epochs": 100,
-        "marking/psnr_mean": 40.0,
-    }))
+        "detect/blackbox_log10_p": -0.3, "detect/blackbox_wins": 9, "detect/blackbox_n": 15})
     calib = tmp_path / "calib" / "strong"
     calib.mkdir(parents=True)
     report = {"n": 200, "ks_stat": 0.05, "ks_pvalue": 0.6, "fpr_05": 0.05, "fpr_01": 0.01}
@@ -146,13 +144,9 @@ def test_power_report_groups_runs_by_variant(tmp_path):
     paper = text[text.index("## `marking=paper"):text.index("## `marking=strong")]
     assert "not run" in paper
     # Other victim architectures (transfer) get their own sections, after the main one's, only when asked.
-    run = tmp_path / "runs" / "transfer-densenet"
-    run.mkdir(parents=True)
-    (run / "metrics.json").write_text(json.dumps({
-        "config/victim.arch": "densenet121", "config/marking.fraction": 0.1, "config/marking.name": "strong",
-        "run/command": "python -m radmark.run marking=strong victim=densenet121", "detect/whitebox_log10_p": -1.0,
-        "detect/blackbox_log10_p": -5.0, "victim/test_acc": 0.9, "victim/epochs": 100,
-    }))
+    _power_run(tmp_path / "runs" / "transfer-densenet", "strong", 0.1, 100, **{
+        "config/victim.arch": "densenet121", "run/command": "python -m radmark.run marking=strong victim=densenet121",
+        "detect/whitebox_log10_p": -1.0, "detect/blackbox_log10_p": -5.0})
     assert "densenet121" not in write_power_report([tmp_path / "runs"], None, tmp_path / "p1.md").read_text()
     both = write_power_report([tmp_path / "runs"], None, tmp_path / "p2.md", archs=("resnet18", "densenet121"))
     text = both.read_text()

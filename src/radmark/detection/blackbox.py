@@ -239,7 +239,8 @@ def coin_null_pvalues(
         pmf = ss.binom.pmf(wins, n, 0.5)
     else:
         null = stats.SignedRankNull(diff)
-        w2 = [null.statistic2(row) for row in signed]
+        # Flipping a coin keeps |d_i| and hence its rank: W2 per draw is the rank sum over the positive signs.
+        w2 = ((signed[:, diff != 0] > 0) * null.ranks2).sum(axis=1)
         p = np.array([math.exp(null.ln_sf(w)) for w in w2])
         pmf = np.array([null.pmf(w) for w in w2])
     p_rand = p - pmf + u * pmf

@@ -28,6 +28,7 @@ from radmark.detection.api import (
     suspect_view,
     twin_pairs,
 )
+from radmark.detection.blackbox import STATISTICS
 from radmark.io import sha256_file, write_json
 
 EXIT_INPUT = 2
@@ -58,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "carriers to the alignment (default 0: the paper's alignment)")
     p.add_argument("--blackbox-views", type=int, default=1,
                    help="black-box: average each loss over V random crop + flip views (default 1: centre view)")
-    p.add_argument("--blackbox-stat", choices=["sign", "signed_rank"], default="sign",
+    p.add_argument("--blackbox-stat", choices=STATISTICS, default="sign",
                    help="black-box statistic over the twin gaps: sign (wins) or signed_rank (Wilcoxon, also "
                    "uses how far each released copy beats its twin); both exact (default sign)")
     p.add_argument("--detection-seed", type=int, default=None,
