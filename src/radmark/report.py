@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from radmark.config import MarkingConfig
 from radmark.io import atomic_path, read_json
 from radmark.metrics import METRICS_FILE
 
@@ -203,8 +204,11 @@ def variant_of(metrics: dict[str, Any]) -> str:
     """A run's marking/detection recipe, from its recorded settings (older runs lack the newer keys; their
     defaults are the paper's)."""
     get = metrics.get
+    # The pixel budget is shown only when it is not the default 10/255, so older labels stay the same.
+    radius = float(get('config/marking.radius', MarkingConfig.radius))
+    budget = "" if radius == MarkingConfig.radius else f" radius={radius:g}"
     return (f"marking={get('config/marking.name', 'paper')} carriers={get('config/marking.carriers', 'sphere')} "
-            f"selection={get('config/marking.selection', 'uniform')} | "
+            f"selection={get('config/marking.selection', 'uniform')}{budget} | "
             f"detection={get('config/detection.name', 'paper')} probes={get('config/detection.align_probes', 0)} "
             f"views={get('config/detection.blackbox_views', 1)} stat={get('config/detection.blackbox_stat', 'sign')}")
 
