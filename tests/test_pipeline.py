@@ -152,3 +152,8 @@ def test_power_report_groups_runs_by_variant(tmp_path):
     text = both.read_text()
     assert text.count("**densenet121 victim**") == 1 and text.count("## `marking=") == 4
     assert text.index("**densenet121 victim**") > text.rindex("python -m radmark.run marking=strong seeds.root=1")
+    # A softer mark (smaller L-inf budget) is a different variant, not another seed of the default one.
+    _power_run(tmp_path / "runs" / "strong-100-0.1-radius6", "strong", 0.1, 100, **{
+        "config/marking.radius": 6.0, "detect/whitebox_log10_p": -0.1, "run/command": "python -m radmark.run marking=strong marking.radius=6"})
+    text = write_power_report([tmp_path / "runs"], None, tmp_path / "p3.md").read_text()
+    assert text.count("radius=6 |") == 1 and text.count("## `marking=") == 4
