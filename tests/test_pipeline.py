@@ -154,6 +154,12 @@ def test_power_report_groups_runs_by_variant(tmp_path):
     assert text.index("**densenet121 victim**") > text.rindex("python -m radmark.run marking=strong seeds.root=1")
     # A softer mark (smaller L-inf budget) is a different variant, not another seed of the default one.
     _power_run(tmp_path / "runs" / "strong-100-0.1-radius6", "strong", 0.1, 100, **{
-        "config/marking.radius": 6.0, "detect/whitebox_log10_p": -0.1, "run/command": "python -m radmark.run marking=strong marking.radius=6"})
+        "config/marking.radius": 6.0, "detect/whitebox_log10_p": -0.1, "victim/test_acc": 0.88,
+        "run/command": "python -m radmark.run marking=strong marking.radius=6"})
     text = write_power_report([tmp_path / "runs"], None, tmp_path / "p3.md").read_text()
     assert text.count("radius=6 |") == 1 and text.count("## `marking=") == 4
+    # It has no clean run of its own: its accuracy change is against the strong 100-epoch section's clean run
+    # (same victim recipe and data; a clean victim never sees a mark), which the section names.
+    softer = text[text.index("radius=6 |"):]
+    assert "clean runs of the other sections" in softer and "(1 run: 90.00 %)" in softer
+    assert "| 10 | 1 | -0.10 | -0.10 | -0.10 | 88.00 | -2.00 |" in softer

@@ -46,8 +46,10 @@ def _mean(values: list[Any]) -> float | None:
     return statistics.fmean(kept) if kept else None
 
 
-def build_rows(runs: list[dict[str, Any]]) -> tuple[list[float], list[str], dict[tuple[float, str], dict]]:
-    """Cells keyed by (fraction, arch), averaged over seeds; accuracy change vs the fraction-0 run."""
+def build_rows(runs: list[dict[str, Any]], clean: list[dict[str, Any]] | None = None
+               ) -> tuple[list[float], list[str], dict[tuple[float, str], dict]]:
+    """Cells keyed by (fraction, arch), averaged over seeds; accuracy change vs the fraction-0 runs, or vs
+    ``clean`` (fraction-0 runs from elsewhere, not shown as a row) when ``runs`` has none for an arch."""
     groups: dict[tuple[float, str], list[dict[str, Any]]] = defaultdict(list)
     for run in runs:
         groups[(float(run[FRACTION_KEY]), str(run[ARCH_KEY]))].append(run)
@@ -71,8 +73,12 @@ def build_rows(runs: list[dict[str, Any]]) -> tuple[list[float], list[str], dict
         cell["blackbox_per_run"] = [m.get("detect/blackbox_log10_p") for m in members]
         cell["whitebox_per_run"] = [m.get("detect/whitebox_log10_p") for m in members]
         cells[key] = cell
+    borrowed = {arch: _mean([m.get("victim/test_acc") for m in (clean or []) if str(m[ARCH_KEY]) == arch])
+                for _, arch in cells}
     for (_fraction, arch), cell in cells.items():
         base = cells.get((0.0, arch), {}).get("victim/test_acc")
+        if base is None and borrowed[arch] is not None:
+            base = borrowed[arch] * 100.0
         acc = cell.get("victim/test_acc")
         cell["acc_change"] = acc - base if acc is not None and base is not None else None
     fractions = sorted({f for f, _ in cells})
@@ -273,20 +279,31 @@ def write_power_report(runs_roots: list[str | Path], calibration_root: str | Pat
                 calibrations[variant] = report
     # Calibration is a property of the test (variant), the sections also split by victim recipe.
     by_variant: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    # A clean (0 %) victim never sees a mark, so any variant's clean runs with the same victim recipe and data
+    # are a baseline for a section that has none of its own (e.g. a softer mark run at 10 and 20 % only).
+    clean_runs: dict[tuple[str, str, Any], list[dict[str, Any]]] = defaultdict(list)
     for run in runs:
         by_variant[(str(run[ARCH_KEY]), variant_of(run), victim_recipe_of(run))].append(run)
+        if float(run[FRACTION_KEY]) == 0.0:
+            clean_runs[(str(run[ARCH_KEY]), victim_recipe_of(run), run.get("data/fingerprint"))].append(run)
     text = io.StringIO()
     text.write(f"# Detection power on the CPU-sized Fashion-MNIST setting ({', '.join(archs)} victims)\n\n")
     if preamble:
         text.write(preamble.strip() + "\n\n")
     for (arch, variant, recipe), members in by_variant.items():
-        fractions, _, cells = build_rows(members)
+        own_clean = any(float(m[FRACTION_KEY]) == 0.0 for m in members)
+        borrowed = [] if own_clean else clean_runs.get((arch, recipe, members[0].get("data/fingerprint")), [])
+        fractions, _, cells = build_rows(members, clean=borrowed)
         wb_cal, bb_cal = _calibration_cells(calibrations.get(variant))
         victim = "" if arch == archs[0] else f" — **{arch} victim**"
         text.write(f"## `{variant}` — `{recipe}`{victim}\n\nCalibration under H0 (pooled over H0 models, fresh "
                    f"keys / coins): white-box {wb_cal}; black-box {bb_cal}")
         if variant in calibrations:
             text.write(f" — `{calibrations[variant]['command']}`")
+        if borrowed:
+            accs = ", ".join(f"{float(m['victim/test_acc']) * 100:.2f}" for m in borrowed)
+            text.write(f". Δacc is against the clean runs of the other sections with this victim recipe and data "
+                       f"({len(borrowed)} run{'s' if len(borrowed) > 1 else ''}: {accs} %)")
         text.write("\n\n| % marked | runs | white-box log10 p | black-box log10 p | black-box sign test: log10 p "
                    "(twins won) | acc % | Δacc (pts) | PSNR dB | victim epochs / train acc % | command |\n"
                    "|---|---|---|---|---|---|---|---|---|---|\n")
