@@ -77,8 +77,9 @@ def build_rows(runs: list[dict[str, Any]], clean: list[dict[str, Any]] | None = 
                 for _, arch in cells}
     for (_fraction, arch), cell in cells.items():
         base = cells.get((0.0, arch), {}).get("victim/test_acc")
-        if base is None and borrowed[arch] is not None:
-            base = borrowed[arch] * 100.0
+        clean_acc = borrowed[arch]
+        if base is None and clean_acc is not None:
+            base = clean_acc * 100.0
         acc = cell.get("victim/test_acc")
         cell["acc_change"] = acc - base if acc is not None and base is not None else None
     fractions = sorted({f for f, _ in cells})
