@@ -156,8 +156,17 @@ def test_power_report_groups_runs_by_variant(tmp_path):
     _power_run(tmp_path / "runs" / "strong-100-0.1-radius6", "strong", 0.1, 100, **{
         "config/marking.radius": 6.0, "detect/whitebox_log10_p": -0.1, "victim/test_acc": 0.88,
         "run/command": "python -m radmark.run marking=strong marking.radius=6"})
+    # The paper's clean 100-epoch run with the same training seed as the strong one is the same victim trained
+    # again: it counts once in that baseline.
+    for name in ("strong", "paper"):
+        folder = tmp_path / "runs" / f"{name}-100-0.0"
+        if folder.exists():
+            metrics = json.loads((folder / "metrics.json").read_text())
+            (folder / "metrics.json").write_text(json.dumps({**metrics, "seeds/train": 7}))
+        else:
+            _power_run(folder, name, 0.0, 100, **{"seeds/train": 7, "detect/whitebox_log10_p": -0.1})
     text = write_power_report([tmp_path / "runs"], None, tmp_path / "p3.md").read_text()
-    assert text.count("radius=6 |") == 1 and text.count("## `marking=") == 4
+    assert text.count("radius=6 |") == 1 and text.count("## `marking=") == 5
     # It has no clean run of its own: its accuracy change is against the strong 100-epoch section's clean run
     # (same victim recipe and data; a clean victim never sees a mark), which the section names.
     softer = text[text.index("radius=6 |"):]

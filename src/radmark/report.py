@@ -286,7 +286,10 @@ def write_power_report(runs_roots: list[str | Path], calibration_root: str | Pat
     for run in runs:
         by_variant[(str(run[ARCH_KEY]), variant_of(run), victim_recipe_of(run))].append(run)
         if float(run[FRACTION_KEY]) == 0.0:
-            clean_runs[(str(run[ARCH_KEY]), victim_recipe_of(run), run.get("data/fingerprint"))].append(run)
+            same = clean_runs[(str(run[ARCH_KEY]), victim_recipe_of(run), run.get("data/fingerprint"))]
+            # Clean runs of several variants with one training seed are the same victim trained again: count it once.
+            if run.get("seeds/train") is None or all(m.get("seeds/train") != run["seeds/train"] for m in same):
+                same.append(run)
     text = io.StringIO()
     text.write(f"# Detection power on the CPU-sized Fashion-MNIST setting ({', '.join(archs)} victims)\n\n")
     if preamble:
