@@ -212,7 +212,7 @@ def variant_of(metrics: dict[str, Any]) -> str:
     defaults are the paper's)."""
     get = metrics.get
     # The pixel budget is shown only when it is not the default 10/255, so older labels stay the same.
-    radius = float(get('config/marking.radius', MarkingConfig.radius))
+    radius = float(get("config/marking.radius", MarkingConfig.radius))
     budget = "" if radius == MarkingConfig.radius else f" radius={radius:g}"
     return (f"marking={get('config/marking.name', 'paper')} carriers={get('config/marking.carriers', 'sphere')} "
             f"selection={get('config/marking.selection', 'uniform')}{budget} | "
@@ -285,7 +285,7 @@ def write_power_report(runs_roots: list[str | Path], calibration_root: str | Pat
     clean_runs: dict[tuple[str, str, Any], list[dict[str, Any]]] = defaultdict(list)
     for run in runs:
         by_variant[(str(run[ARCH_KEY]), variant_of(run), victim_recipe_of(run))].append(run)
-        if float(run[FRACTION_KEY]) == 0.0:
+        if float(run[FRACTION_KEY]) == 0.0 and run.get("victim/test_acc") is not None:
             same = clean_runs[(str(run[ARCH_KEY]), victim_recipe_of(run), run.get("data/fingerprint"))]
             # Clean runs of several variants with one training seed are the same victim trained again: count it once.
             if run.get("seeds/train") is None or all(m.get("seeds/train") != run["seeds/train"] for m in same):
