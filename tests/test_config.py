@@ -72,6 +72,10 @@ def test_misspelled_key_in_an_experiment_file_fails(tmp_path):
 def test_wrong_type_fails_at_compose_time():
     with pytest.raises(ConfigCompositionException):
         _compose(["marking.fraction=lots"])
+    with pytest.raises(ConfigCompositionException, match="hard_cap"):
+        _compose(["marking=strong_hard", "marking.hard_cap=half"])
+    assert _compose(["marking=strong_hard", "marking.hard_cap=0.05"]).marking.hard_cap == 0.05
+    assert _compose(["marking=strong_hard"]).marking.hard_cap is None
 
 
 def test_named_seeds_are_independent_of_the_train_seed():

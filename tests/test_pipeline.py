@@ -172,3 +172,13 @@ def test_power_report_groups_runs_by_variant(tmp_path):
     softer = text[text.index("radius=6 |"):]
     assert "clean runs of the other sections" in softer and "(1 run: 90.00 %)" in softer
     assert "| 10 | 1 | -0.10 | -0.10 | -0.10 | 88.00 | -2.00 |" in softer
+    # A cap on hard selection is a variant of its own too; a run recorded with hard_cap=null is not one.
+    _power_run(tmp_path / "runs" / "strong-100-0.1-cap", "strong", 0.1, 100, **{
+        "config/marking.hard_cap": 0.05, "config/marking.selection": "hard", "detect/whitebox_log10_p": -0.2,
+        "run/command": "python -m radmark.run marking=strong marking.hard_cap=0.05"})
+    metrics = json.loads((tmp_path / "runs" / "strong-100-0.1-seed1" / "metrics.json").read_text())
+    (tmp_path / "runs" / "strong-100-0.1-seed1" / "metrics.json").write_text(
+        json.dumps({**metrics, "config/marking.hard_cap": None}))
+    text = write_power_report([tmp_path / "runs"], None, tmp_path / "p4.md").read_text()
+    assert text.count("selection=hard hard_cap=0.05 |") == 1 and text.count("## `marking=") == 6
+    assert "| 10 | 2 | -4.00 (-6.00, -2.00) |" in text

@@ -69,6 +69,46 @@ def test_hard_selection_ties_follow_the_seed_and_scores_are_required():
         select_marked(labels, 0.1, "hard", 3)
 
 
+def test_hard_cap_takes_the_hardest_then_fills_uniformly_nested():
+    labels = np.arange(200) % 10
+    scores = np.random.default_rng(1).random(200)
+    hardest = select_marked(labels, 0.05, "hard", 4, scores)  # the 10 hardest
+    # Up to the cap it is plain hard selection, and the cap of 1 is no cap at all.
+    for q in (0.02, 0.05):
+        np.testing.assert_array_equal(select_marked(labels, q, "hard", 4, scores, hard_cap=0.05),
+                                      select_marked(labels, q, "hard", 4, scores))
+    np.testing.assert_array_equal(select_marked(labels, 0.3, "hard", 4, scores, hard_cap=1.0),
+                                  select_marked(labels, 0.3, "hard", 4, scores))
+    capped = [select_marked(labels, q, "hard", 4, scores, hard_cap=0.05) for q in (0.05, 0.1, 0.2, 0.5)]
+    assert [len(c) for c in capped] == [10, 20, 40, 100]
+    assert all(set(a) <= set(b) for a, b in zip(capped, capped[1:], strict=False))  # nested
+    assert all(set(hardest) <= set(c) for c in capped)
+    # Beyond the cap the rest comes from the seeded permutation, not from the next-hardest images.
+    rest = np.setdiff1d(capped[2], hardest)
+    assert not np.array_equal(np.sort(rest), np.setdiff1d(select_marked(labels, 0.2, "hard", 4, scores), hardest))
+    perm = torch.randperm(200, generator=torch.Generator().manual_seed(4)).numpy()
+    fill = [i for i in perm if i not in set(hardest)][:30]
+    np.testing.assert_array_equal(np.sort(rest), np.sort(fill))
+    # Cap 0 is uniform selection.
+    np.testing.assert_array_equal(select_marked(labels, 0.2, "hard", 4, scores, hard_cap=0.0),
+                                  select_marked(labels, 0.2, "uniform", 4))
+    with pytest.raises(ValueError, match="marking.hard_cap=0.1 only applies to marking.selection=hard"):
+        select_marked(labels, 0.2, "uniform", 4, hard_cap=0.1)
+    with pytest.raises(ValueError, match=r"marking.hard_cap=1.5: must be in \[0, 1\]"):
+        select_marked(labels, 0.2, "hard", 4, scores, hard_cap=1.5)
+
+
+def test_hard_cap_without_hard_selection_fails_before_any_training(tmp_path):
+    from radmark.marking.api import mark
+    from radmark.pipeline import make_datamodule
+
+    cfg = tiny_run_config(tmp_path, ["data.splits.heldout=30", "marking.fraction=0.25", "marking.hard_cap=0.1"])
+    dm = make_datamodule(cfg, resolve_seeds(cfg.seeds))
+    with pytest.raises(ValueError, match="marking.hard_cap=0.1 only applies to marking.selection=hard"):
+        mark(cfg, dm, tmp_path / "run")
+    assert not any(Path(cfg.paths.cache_dir).glob("**/*.pt"))  # no marking network was trained
+
+
 def test_hard_selection_marks_low_confidence_nested(marked):
     from radmark.marking.api import _true_class_confidence
     from radmark.marking.network import get_marking_network

@@ -79,6 +79,9 @@ class MarkingConfig:
     fraction: float = 0.01  # q: share of the private split that gets marked
     # uniform | per_class | hard (lowest marking-net confidence in the true class first, centre view)
     selection: str = "uniform"
+    # selection=hard only: at most this share of the private split is chosen by hardness, the rest of the
+    # fraction uniformly (seeds.selection); null: all by hardness
+    hard_cap: float | None = None
     network: MarkingNetConfig = field(default_factory=MarkingNetConfig)
     carriers: str = "sphere"  # sphere (paper) | pca:K (inside the top-K principal subspace of public features)
     twins: bool = True  # two keys per class and a secret coin per image (exact black-box sign test)

@@ -31,7 +31,7 @@ from radmark.marking.network import (
     is_rank_zero,
     marking_net_dir,
 )
-from radmark.marking.selection import select_marked
+from radmark.marking.selection import check_selection, select_marked
 from radmark.marking.writer import (
     DONE,
     MANIFEST,
@@ -83,6 +83,8 @@ def mark(cfg: DictConfig, datamodule: Any, run_dir: str | Path, logger: Any = No
     seeds = resolve_seeds(cfg.seeds)
     mcfg = cfg.marking
     settings = MarkingSettings.from_cfg(mcfg)  # validates the numbers before anything expensive
+    hard_cap = None if mcfg.get("hard_cap") is None else float(mcfg.hard_cap)
+    check_selection(str(mcfg.selection), float(mcfg.fraction), hard_cap)
     if settings.method == "noise" and not bool(mcfg.twins):
         raise ValueError("marking.method=noise needs marking.twins=true: a noise mark is only tested against its "
                          "twin (black-box sign test). Fix: drop marking.twins=false or use marking.method=carrier")
@@ -97,7 +99,8 @@ def mark(cfg: DictConfig, datamodule: Any, run_dir: str | Path, logger: Any = No
     private = datamodule.dataset("private")
     labels = np.asarray(datamodule.labels("private"), dtype=np.int64)
     scores = _true_class_confidence(cfg, datamodule, net) if str(mcfg.selection) == "hard" else None
-    marked = select_marked(labels, float(mcfg.fraction), str(mcfg.selection), seeds["selection"], scores)
+    marked = select_marked(labels, float(mcfg.fraction), str(mcfg.selection), seeds["selection"], scores,
+                           hard_cap)
     basis = None if pca_k is None else pca_basis(_public_features(cfg, datamodule, phi), pca_k)
     key = make_key(
         seeds["key"], int(cfg.data.num_classes), phi.dim, torch.from_numpy(marked),
@@ -209,6 +212,7 @@ def _key_meta(cfg: DictConfig, dm: Any, seeds: dict[str, int], net_path: Path, n
         "carriers": str(cfg.marking.carriers),
         "twins": bool(cfg.marking.twins),
         "selection": {"mode": str(cfg.marking.selection), "fraction": float(cfg.marking.fraction),
+                      "hard_cap": cfg.marking.get("hard_cap"),
                       "n_private": int(n_private), "n_marked": int(n_marked)},
         "seeds": {k: int(seeds[k]) for k in ("key", "selection", "marking", "splits")},
         "data": OmegaConf.to_container(cfg.data, resolve=True),
