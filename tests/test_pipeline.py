@@ -182,3 +182,10 @@ def test_power_report_groups_runs_by_variant(tmp_path):
     text = write_power_report([tmp_path / "runs"], None, tmp_path / "p4.md").read_text()
     assert text.count("selection=hard hard_cap=0.05 |") == 1 and text.count("## `marking=") == 6
     assert "| 10 | 2 | -4.00 (-6.00, -2.00) |" in text
+    # The same variant and recipe on a bigger private split is not another seed of the same row either.
+    _power_run(tmp_path / "runs" / "strong-100-0.1-private5000", "strong", 0.1, 100, **{
+        "config/data.splits.private": 5000, "detect/whitebox_log10_p": -0.3,
+        "run/command": "python -m radmark.run marking=strong data.splits.private=5000"})
+    text = write_power_report([tmp_path / "runs"], None, tmp_path / "p5.md").read_text()
+    assert text.count("## `marking=") == 7 and text.count("splits=?/5000/?/?`") == 1
+    assert "| 10 | 2 | -4.00 (-6.00, -2.00) |" in text

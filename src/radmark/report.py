@@ -231,6 +231,15 @@ def victim_recipe_of(metrics: dict[str, Any]) -> str:
             f"small_input={get('config/victim.small_input', False)}")
 
 
+def data_of(metrics: dict[str, Any]) -> str:
+    """Which data a run's victim was trained on: the dataset and its split sizes (public/private/held-out/test;
+    a bigger private split gives more marked images at the same fraction). Older runs without the keys show
+    '?'."""
+    get = metrics.get
+    splits = "/".join(str(get(f"config/data.splits.{s}", "?")) for s in ("public", "private", "heldout", "test"))
+    return f"data={get('config/data.name', '?')} splits={splits}"
+
+
 def command_of(metrics: dict[str, Any]) -> str:
     """The command recorded by the run, or (older runs) the one its recorded settings imply."""
     if metrics.get("run/command"):
@@ -264,7 +273,7 @@ def _per_run(mean: float | None, values: list[Any]) -> str:
 def write_power_report(runs_roots: list[str | Path], calibration_root: str | Path | None, out: str | Path,
                        archs: tuple[str, ...] = ("resnet18",), preamble: str = "") -> Path:
     """``power.md``: one section per victim architecture (in the order of ``archs``), marking/detection
-    variant (:func:`variant_of`) and victim recipe (:func:`victim_recipe_of`), rows = % marked,
+    variant (:func:`variant_of`), victim recipe (:func:`victim_recipe_of`) and data (:func:`data_of`), rows = % marked,
     with both log10 p, accuracy change vs the same variant's clean baseline, PSNR, the victim's train accuracy
     and the command that made the row; plus each variant's calibration (``calibration.json`` files)."""
     runs = [r for root in runs_roots for r in collect_runs(root) if r.get(ARCH_KEY) in archs]
@@ -281,12 +290,12 @@ def write_power_report(runs_roots: list[str | Path], calibration_root: str | Pat
                     variant += " stat=sign"
                 calibrations[variant] = report
     # Calibration is a property of the test (variant), the sections also split by victim recipe.
-    by_variant: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    by_variant: dict[tuple[str, str, str, str], list[dict[str, Any]]] = defaultdict(list)
     # A clean (0 %) victim never sees a mark, so any variant's clean runs with the same victim recipe and data
     # are a baseline for a section that has none of its own (e.g. a softer mark run at 10 and 20 % only).
     clean_runs: dict[tuple[str, str, Any], list[dict[str, Any]]] = defaultdict(list)
     for run in runs:
-        by_variant[(str(run[ARCH_KEY]), variant_of(run), victim_recipe_of(run))].append(run)
+        by_variant[(str(run[ARCH_KEY]), variant_of(run), victim_recipe_of(run), data_of(run))].append(run)
         if float(run[FRACTION_KEY]) == 0.0 and run.get("victim/test_acc") is not None:
             same = clean_runs[(str(run[ARCH_KEY]), victim_recipe_of(run), run.get("data/fingerprint"))]
             # Clean runs of several variants with one training seed are the same victim trained again: count it once.
@@ -296,13 +305,13 @@ def write_power_report(runs_roots: list[str | Path], calibration_root: str | Pat
     text.write(f"# Detection power on the CPU-sized Fashion-MNIST setting ({', '.join(archs)} victims)\n\n")
     if preamble:
         text.write(preamble.strip() + "\n\n")
-    for (arch, variant, recipe), members in by_variant.items():
+    for (arch, variant, recipe, data), members in by_variant.items():
         own_clean = any(float(m[FRACTION_KEY]) == 0.0 for m in members)
         borrowed = [] if own_clean else clean_runs.get((arch, recipe, members[0].get("data/fingerprint")), [])
         fractions, _, cells = build_rows(members, clean=borrowed)
         wb_cal, bb_cal = _calibration_cells(calibrations.get(variant))
         victim = "" if arch == archs[0] else f" — **{arch} victim**"
-        text.write(f"## `{variant}` — `{recipe}`{victim}\n\nCalibration under H0 (pooled over H0 models, fresh "
+        text.write(f"## `{variant}` — `{recipe}` — `{data}`{victim}\n\nCalibration under H0 (pooled over H0 models, fresh "
                    f"keys / coins): white-box {wb_cal}; black-box {bb_cal}")
         if variant in calibrations:
             text.write(f" — `{calibrations[variant]['command']}`")
