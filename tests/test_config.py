@@ -75,7 +75,8 @@ def test_wrong_type_fails_at_compose_time():
     with pytest.raises(ConfigCompositionException, match="hard_cap"):
         _compose(["marking=strong_hard", "marking.hard_cap=half"])
     assert _compose(["marking=strong_hard", "marking.hard_cap=0.05"]).marking.hard_cap == 0.05
-    assert _compose(["marking=strong_hard"]).marking.hard_cap is None
+    assert _compose(["marking=strong_hard", "marking.hard_cap=null"]).marking.hard_cap is None
+    assert _compose(["marking=strong"]).marking.hard_cap is None
 
 
 def test_named_seeds_are_independent_of_the_train_seed():

@@ -249,6 +249,7 @@ def test_named_variant_configs_compose():
 def test_best_variant_is_one_override_and_the_demo_uses_it():
     best = compose_config(["marking=strong_hard"])
     assert (best.marking.selection, best.marking.optimizer, best.marking.radius) == ("hard", "adam", 10.0)
+    assert best.marking.hard_cap == 0.1  # capped: no accuracy cost at 20 % (experiments/results/power_hard_cap.md)
     assert best.detection.name == "probes" and best.detection.blackbox_stat.name == "signed_rank"
     demo = compose_config(["+experiment=demo"])
     assert (demo.marking.selection, demo.detection.name) == ("hard", "probes")
