@@ -211,13 +211,13 @@ def variant_of(metrics: dict[str, Any]) -> str:
     """A run's marking/detection recipe, from its recorded settings (older runs lack the newer keys; their
     defaults are the paper's)."""
     get = metrics.get
-    # The pixel budget is shown only when it is not the default 10/255, so older labels stay the same.
+    # The pixel budget and the hard cap are shown only when not at their defaults, so older labels stay the same.
     radius = float(get("config/marking.radius", MarkingConfig.radius))
-    budget = "" if radius == MarkingConfig.radius else f" radius={radius:g}"
+    extras = "" if radius == MarkingConfig.radius else f" radius={radius:g}"
     cap = get("config/marking.hard_cap")  # absent (older runs) or null: every marked image chosen by hardness
-    budget += "" if cap is None else f" hard_cap={float(cap):g}"
+    extras += "" if cap is None else f" hard_cap={float(cap):g}"
     return (f"marking={get('config/marking.name', 'paper')} carriers={get('config/marking.carriers', 'sphere')} "
-            f"selection={get('config/marking.selection', 'uniform')}{budget} | "
+            f"selection={get('config/marking.selection', 'uniform')}{extras} | "
             f"detection={get('config/detection.name', 'paper')} probes={get('config/detection.align_probes', 0)} "
             f"views={get('config/detection.blackbox_views', 1)} stat={get('config/detection.blackbox_stat', 'sign')}")
 
